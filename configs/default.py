@@ -1,0 +1,62 @@
+"""The embedded default: a tiny Mixer on the digits that scikit-learn ships (offline, ~1 min on 2 cores).
+
+  python train.py --workdir /tmp/w                     # this config
+  python train.py --config configs/default.py --config.lr=3e-3
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: any tfds dataset with "image" and "label" features.
+  config.dataset = "digits"
+  config.data_dir = config_dict.placeholder(str)  # None: tfds's default (~/tensorflow_datasets).
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.num_classes = config_dict.placeholder(int)  # None: read from the dataset's info.
+  # The 8x8 digits are upsampled so that 4x4 patches give a 4x4 token grid.
+  config.pp_train = "decode(channels=1)|resize(16)|value_range(-1, 1)"
+  config.pp_eval = "decode(channels=1)|resize(16)|value_range(-1, 1)"
+  config.shuffle_buffer = 2_000
+  config.prefetch_to_device = 2
+  config.batch_size = 128  # global, over all devices and processes.
+  config.eval_batch_size = 256
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "Ti/4"  # SIZE/PATCH: Ti (tiny, not in the paper), S, B, L, H.
+  config.model.dropout_rate = 0.0
+  config.model.stoch_depth = 0.0
+  config.model.gelu_approximate = True  # tanh gelu, as the released checkpoints.
+  config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+
+  config.loss = "softmax_xent"  # or "sigmoid_xent" (the paper's choice for large label spaces).
+
+  # Optimizer: Adam with decoupled weight decay, warm-up, decay, clipping (paper Sec. 3).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adam"  # or "sgd" (momentum), the paper's fine-tuning optimizer.
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.momentum = 0.9  # sgd only.
+  config.lr = 3e-3
+  config.weight_decay = 1e-4  # multiplied by the scheduled lr, as in optax.adamw.
+  config.schedule = "cosine"  # decay after warm-up: "linear" or "cosine", to 0.
+  config.warmup_steps = 50
+  config.grad_clip_norm = 1.0
+  # Length: total_steps if positive, else total_epochs of the train split.
+  config.total_epochs = 40.0
+  config.total_steps = -1
+
+  # Device mesh: "data" splits the batch, "model" the parameters; -1 takes the remaining devices.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+
+  config.log_every_steps = 10
+  # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.
+  config.sync_every_steps = 16
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
+  config.keep_checkpoints = 3
+  return config

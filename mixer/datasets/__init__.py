@@ -1,0 +1,6 @@
+"""tfds builders that ship with mixer; importing this package registers them with tfds."""
+
+from mixer.datasets.digits import Digits
+
+# Datasets whose data installs with a package: the input pipeline prepares them on first use.
+EMBEDDED = {"digits": Digits}

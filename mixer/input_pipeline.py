@@ -1,0 +1,187 @@
+"""tfds -> tf.data -> global jax.Arrays sharded over the mesh's data axis.
+
+Training batches are a pure function of (config, step): each epoch is read with its own shuffle seed
+and every example draws its augmentation from a seed made of (seed, epoch, process, position). A run
+resumed at step k so sees exactly the batches that an uninterrupted run sees from step k on.
+"""
+
+import collections
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mixer import datasets, preprocess, sharding
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def get_builder(config) -> tfds.core.DatasetBuilder:
+  """The tfds builder of config.dataset, prepared: embedded datasets are built on first use."""
+  try:
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset: {e}") from None
+  if not builder.is_prepared():
+    if config.dataset in datasets.EMBEDDED:
+      if jax.process_index() == 0:
+        builder.download_and_prepare()
+      if jax.process_count() > 1:
+        jax.experimental.multihost_utils.sync_global_devices(f"prepare {config.dataset}")
+      builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    else:
+      raise FileNotFoundError(
+          f"config.dataset={config.dataset!r} is not prepared in data_dir={builder.data_dir!r}. "
+          f"Prepare it once with `tfds build {config.dataset} --data_dir=DIR` (ImageNet needs its "
+          f"archives in DIR/downloads/manual first) and pass --config.data_dir=DIR.")
+  return builder
+
+
+def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
+  for key in ("train_split", "eval_split"):
+    try:
+      builder.info.splits[config[key]]
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"config.{key}={config[key]!r} is not a split of {config.dataset!r} "
+                       f"({', '.join(builder.info.splits)}): {e}") from None
+  return DatasetInfo(num_classes=builder.info.features["label"].num_classes,
+                     num_train_examples=builder.info.splits[config.train_split].num_examples,
+                     num_eval_examples=builder.info.splits[config.eval_split].num_examples)
+
+
+def image_shape(config, builder) -> tuple[int, ...]:
+  """The shape of one image after the eval preprocessing: the model's input shape."""
+  pp = preprocess.get_preprocess_fn(config.pp_eval)
+  example = next(iter(_read(builder, config.eval_split, autocache=False).take(1)))
+  return tuple(pp({"image": example["image"], "label": example["label"]})["image"].shape)
+
+
+def _read(builder, split: str, shuffle_seed=None, autocache: bool = True) -> tf.data.Dataset:
+  """This process's share of `split`, images left encoded so that crops can decode less."""
+  local_split = tfds.split_for_jax_process(split)
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
+                                try_autocache=autocache)
+  return builder.as_dataset(split=local_split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  options.threading.private_threadpool_size = 48
+  return options
+
+
+def steps_per_epoch(config, info: DatasetInfo) -> int:
+  """Full global batches per epoch; every process takes the same count (the tail is dropped)."""
+  local_examples = info.num_train_examples // jax.process_count()
+  return local_examples // local_batch_size(config.batch_size)
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  return global_batch_size // jax.process_count()
+
+
+def _train_epoch(config, builder, epoch: int, skip_batches: int) -> tf.data.Dataset:
+  batch = local_batch_size(config.batch_size)
+  seed = [config.seed, epoch]
+  epoch_seed = (config.seed * 100_003 + epoch) % 2**31
+  ds = _read(builder, config.train_split, shuffle_seed=epoch_seed)
+  ds = ds.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+  ds = ds.enumerate().skip(skip_batches * batch)
+  pp = preprocess.get_preprocess_fn(config.pp_train)
+  process = jax.process_index()
+
+  def prepare(index, example):
+    rng = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), process), index)
+    features = pp({"image": example["image"], "label": example["label"], "rng": rng})
+    return {"image": features["image"], "label": features["label"]}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch, drop_remainder=True).with_options(_options())
+
+
+def train_iterator(config, builder, info: DatasetInfo, mesh, start_step: int = 0) -> Iterator[Batch]:
+  """Endless global training batches, from `start_step` on."""
+  per_epoch = steps_per_epoch(config, info)
+  if per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
+                     f"{info.num_train_examples} examples of {config.dataset}:{config.train_split}")
+
+  def local_batches():
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+      ds = _train_epoch(config, builder, epoch, skip).prefetch(tf.data.AUTOTUNE)
+      yield from ds.as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+  return _to_device(local_batches(), mesh, config.prefetch_to_device)
+
+
+def eval_iterator(config, builder, info: DatasetInfo, mesh, split=None) -> Iterator[Batch]:
+  """Every example of the split exactly once; padding examples carry mask 0.
+
+  Processes may hold a different number of examples, so each pads to the same number of batches.
+  """
+  split = split or config.eval_split
+  num_examples = builder.info.splits[split].num_examples
+  if num_examples < jax.process_count():
+    raise ValueError(f"split {split!r} has {num_examples} examples, fewer than the "
+                     f"{jax.process_count()} processes")
+  batch = local_batch_size(config.eval_batch_size)
+  num_batches = math.ceil(math.ceil(num_examples / jax.process_count()) / batch)
+  pp = preprocess.get_preprocess_fn(config.pp_eval)
+
+  def prepare(example):
+    features = pp({"image": example["image"], "label": example["label"]})
+    return {"image": features["image"], "label": features["label"], "mask": tf.constant(1.0)}
+
+  ds = _read(builder, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+  def local_batches():
+    count, padding = 0, None
+    for local in ds.as_numpy_iterator():
+      padding = jax.tree.map(np.zeros_like, _pad(local, batch))
+      yield _pad(local, batch)
+      count += 1
+    for _ in range(num_batches - count):  # this process had fewer examples than another.
+      yield padding
+
+  return _to_device(local_batches(), mesh, config.prefetch_to_device)
+
+
+def _pad(local: dict, batch: int) -> dict:
+  n = len(local["mask"])
+  if n == batch:
+    return local
+  return {k: np.concatenate([v, np.zeros((batch - n,) + v.shape[1:], v.dtype)]) for k, v in local.items()}
+
+
+def _to_device(local_batches: Iterator[dict], mesh, depth: int) -> Iterator[Batch]:
+  """Makes global arrays from each process's batch, keeping `depth` batches in flight to the devices."""
+  data_sharding = sharding.batch_sharding(mesh)
+
+  def to_global(local):
+    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
+
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append(to_global(local))
+    if len(queue) > depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

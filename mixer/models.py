@@ -1,0 +1,123 @@
+"""MLP-Mixer in flax.linen (paper Sec. 2, Table 1), with parameter names equal to the released checkpoints'."""
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Table 1 of the paper: size -> (blocks, hidden C, tokens MLP D_S, channels MLP D_C).
+# "Ti" is not in the paper: a tiny size for tests and the embedded default run.
+SIZES = {
+    "Ti": dict(num_blocks=4, hidden_dim=128, tokens_mlp_dim=64, channels_mlp_dim=512),
+    "S": dict(num_blocks=8, hidden_dim=512, tokens_mlp_dim=256, channels_mlp_dim=2048),
+    "B": dict(num_blocks=12, hidden_dim=768, tokens_mlp_dim=384, channels_mlp_dim=3072),
+    "L": dict(num_blocks=24, hidden_dim=1024, tokens_mlp_dim=512, channels_mlp_dim=4096),
+    "H": dict(num_blocks=32, hidden_dim=1280, tokens_mlp_dim=640, channels_mlp_dim=5120),
+}
+PAPER_VARIANTS = ("S/32", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14")
+
+
+def variant_kwargs(variant: str) -> dict[str, int]:
+  """'B/16' -> MlpMixer keyword arguments: the size's dimensions and the patch size."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant)
+  if not match or match.group(1) not in SIZES:
+    raise ValueError(
+        f"config.model.variant={variant!r} is not SIZE/PATCH with SIZE one of "
+        f"{', '.join(SIZES)} (the paper's variants: {', '.join(PAPER_VARIANTS)})")
+  return dict(SIZES[match.group(1)], patch_size=int(match.group(2)))
+
+
+class MlpBlock(nn.Module):
+  """Dense -> gelu -> Dense over the last axis, back to the input width."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+    y = nn.gelu(y, approximate=self.gelu_approximate)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+
+
+class StochasticDepth(nn.Module):
+  """Drops the whole residual branch per example with probability `rate` (Huang et al. 2016)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MixerBlock(nn.Module):
+  """Token mixing (an MLP across patches, shared over channels), then channel mixing."""
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  dropout_rate: float = 0.0
+  stoch_depth: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    mlp = dict(dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = jnp.swapaxes(y, 1, 2)
+    y = MlpBlock(self.tokens_mlp_dim, name="token_mixing", **mlp)(y, train=train)
+    y = jnp.swapaxes(y, 1, 2)
+    x = x + StochasticDepth(self.stoch_depth)(y, train=train)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = MlpBlock(self.channels_mlp_dim, name="channel_mixing", **mlp)(y, train=train)
+    return x + StochasticDepth(self.stoch_depth)(y, train=train)
+
+
+class MlpMixer(nn.Module):
+  """Patch stem -> MixerBlocks -> LayerNorm -> mean over tokens -> zero-initialised head."""
+  num_classes: int | None
+  num_blocks: int
+  patch_size: int
+  hidden_dim: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  dropout_rate: float = 0.0
+  stoch_depth: float = 0.0  # rate at the last block; it rises linearly from 0 at the first.
+  gelu_approximate: bool = True  # the released weights use tanh gelu; timm uses exact gelu.
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32.
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the patch size {p}")
+    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images)
+    x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))
+    for i in range(self.num_blocks):
+      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, rate,
+                     self.gelu_approximate, self.dtype)(x, train=train)
+    x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
+    x = jnp.mean(x, axis=1)  # the pre-logits that few-shot evaluation reads.
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
+    return x.astype(jnp.float32)
+
+
+def create_model(model_config, num_classes: int | None) -> MlpMixer:
+  """Builds the MlpMixer that a `config.model` ConfigDict describes."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if model_config.dtype not in dtypes:
+    raise ValueError(f"config.model.dtype={model_config.dtype!r} is not one of {', '.join(dtypes)}")
+  for key in ("dropout_rate", "stoch_depth"):
+    if not 0.0 <= model_config[key] < 1.0:
+      raise ValueError(f"config.model.{key}={model_config[key]} is not in [0, 1)")
+  return MlpMixer(num_classes=num_classes, dropout_rate=model_config.dropout_rate,
+                  stoch_depth=model_config.stoch_depth, gelu_approximate=model_config.gelu_approximate,
+                  dtype=dtypes[model_config.dtype], **variant_kwargs(model_config.variant))

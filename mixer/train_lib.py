@@ -1,0 +1,237 @@
+"""Train state, jitted train/eval steps over a device mesh, and the training loop."""
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from mixer import checkpoints, input_pipeline, models, optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return -jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1)
+
+
+def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Independent binary cross-entropies summed over classes (multi-label; paper Sec. 3)."""
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
+
+
+LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
+
+
+def validate_config(config, num_devices: int, num_processes: int) -> None:
+  """Fails at start, naming the key, on values that would otherwise fail deep inside a run."""
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] <= 0 or config[key] % num_devices or config[key] % num_processes:
+      raise ValueError(f"config.{key}={config[key]} is not a positive multiple of the "
+                       f"{num_devices} devices (and {num_processes} processes)")
+  if config.loss not in LOSSES:
+    raise ValueError(f"config.loss={config.loss!r} is not one of {', '.join(LOSSES)}")
+  models.variant_kwargs(config.model.variant)
+  for key in ("log_every_steps", "sync_every_steps", "eval_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be positive")
+
+
+def total_steps(config, info: input_pipeline.DatasetInfo) -> int:
+  if config.total_steps > 0:
+    return config.total_steps
+  if config.total_epochs <= 0:
+    raise ValueError("set config.total_steps or config.total_epochs to a positive value")
+  return max(1, round(config.total_epochs * info.num_train_examples / config.batch_size))
+
+
+def _init_fn(model, tx, image_shape: tuple[int, ...], seed: int) -> Callable[[], TrainState]:
+  def init():
+    params = model.init(jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def state_sharding_for(model, tx, image_shape: tuple[int, ...], mesh):
+  """The sharding of every leaf of the train state (replicated: pure data parallelism)."""
+  return jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(_init_fn(model, tx, image_shape, 0)))
+
+
+def create_train_state(model, tx, image_shape: tuple[int, ...], mesh, seed: int):
+  """Initialises params and optimizer state directly in their sharding."""
+  state_sharding = state_sharding_for(model, tx, image_shape, mesh)
+  return jax.jit(_init_fn(model, tx, image_shape, seed), out_shardings=state_sharding)(), state_sharding
+
+
+def make_train_step(model, tx, loss_fn: Callable, schedule, num_classes: int, state_sharding, mesh):
+  """(state, batch, rng) -> (state, metrics), jitted over the mesh with the state donated."""
+  def train_step(state, batch, rng):
+    labels = jax.nn.one_hot(batch["label"], num_classes)
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_and_logits(params):
+      logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng})
+      return jnp.mean(loss_fn(logits, labels)), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(state_sharding, data, repl),
+                 out_shardings=(state_sharding, repl), donate_argnums=0)
+
+
+def make_eval_step(model, loss_fn: Callable, num_classes: int, params_sharding, mesh):
+  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    mask = batch["mask"]
+    loss = loss_fn(logits, jax.nn.one_hot(batch["label"], num_classes))
+    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
+
+  return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step, params, batches: Iterator) -> dict[str, float]:
+  """Top-1 and mean loss over every example the batches hold (padding masked out)."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  return {"top1": float(totals["correct"] / totals["count"]), "loss": float(totals["loss"] / totals["count"]),
+          "num_examples": int(totals["count"])}
+
+
+@flax.struct.dataclass
+class Setup:
+  """What both training and evaluation build from a config."""
+  mesh: Any = flax.struct.field(pytree_node=False)
+  builder: Any = flax.struct.field(pytree_node=False)
+  info: input_pipeline.DatasetInfo = flax.struct.field(pytree_node=False)
+  model: models.MlpMixer = flax.struct.field(pytree_node=False)
+  num_classes: int = flax.struct.field(pytree_node=False)
+  image_shape: tuple = flax.struct.field(pytree_node=False)
+
+
+def setup(config) -> Setup:
+  validate_config(config, jax.device_count(), jax.process_count())
+  mesh = sharding.create_mesh(config.mesh)
+  builder = input_pipeline.get_builder(config)
+  info = input_pipeline.get_info(config, builder)
+  num_classes = config.num_classes or info.num_classes
+  model = models.create_model(config.model, num_classes)
+  return Setup(mesh, builder, info, model, num_classes, input_pipeline.image_shape(config, builder))
+
+
+def save_config(config, workdir: str) -> None:
+  """Keeps the run's config beside its checkpoints, so that evaluate.py needs only the workdir."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history."""
+  s = setup(config)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  num_steps = total_steps(config, s.info)
+  schedule = optim.create_schedule(config, num_steps)
+  tx = optim.create_optimizer(config, schedule)
+  loss_fn = LOSSES[config.loss]
+  state, state_sharding = create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Model %s: %.2fM parameters; %d steps on a %s mesh", config.model.variant,
+               num_params / 1e6, num_steps, dict(s.mesh.shape))
+
+  manager = checkpoints.create_manager(workdir, config)
+  restored_step, restored = checkpoints.restore_latest(manager, checkpoints.abstract(state))
+  if restored is not None:
+    state = restored
+    logging.info("Restored checkpoint from step %d in %s", restored_step, manager.directory)
+  start_step = int(state.step)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+  train_step = make_train_step(s.model, tx, loss_fn, schedule, s.num_classes, state_sharding, s.mesh)
+  eval_step = make_eval_step(s.model, loss_fn, s.num_classes, state_sharding.params, s.mesh)
+  batches = input_pipeline.train_iterator(config, s.builder, s.info, s.mesh, start_step)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
+  rng = jax.random.key(config.seed + 1)
+
+  history = {"train": [], "eval": []}
+  pending = []
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = train_step(state, next(batches), rng)
+    pending.append(metrics)
+    for hook in hooks:
+      hook(step)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      summary = {k: float(np.mean(v)) for k, v in jax.device_get(_stack(pending)).items()}
+      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+      history["train"].append({"step": step, **summary})
+      pending = []
+    elif step % config.sync_every_steps == 0:
+      jax.block_until_ready(metrics)
+    if step % config.eval_every_steps == 0 or step == num_steps:
+      results = evaluate(eval_step, state.params,
+                         input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+      logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
+      history["eval"].append({"step": step, **results})
+    if step % config.checkpoint_every_steps == 0 or step == num_steps:
+      checkpoints.save(manager, step, state)
+
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  writer.close()
+  history["final_step"] = int(state.step)
+  return history
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for k, v in tree.items():
+    flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return flat
+
+
+def _stack(metrics: list[dict]) -> dict:
+  return {k: jnp.stack([m[k] for m in metrics]) for k in metrics[0]}
+
+
+def load_params(config, workdir: str, s: Setup):
+  """The params of the newest checkpoint in workdir, laid out (replicated) on the setup's mesh."""
+  tx = optim.create_optimizer(config, optim.create_schedule(config, total_steps(config, s.info)))
+  init = _init_fn(s.model, tx, s.image_shape, 0)
+  shardings = state_sharding_for(s.model, tx, s.image_shape, s.mesh)
+  abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                jax.eval_shape(init), shardings)
+  manager = checkpoints.create_manager(workdir, config)
+  step, state = checkpoints.restore_latest(manager, abstract_state)
+  manager.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  return step, state.params
