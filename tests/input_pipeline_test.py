@@ -1,0 +1,122 @@
+"""Tests for mixer/input_pipeline.py on the embedded digits and on mocked ImageNet."""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import mixer_b16_imagenet2012
+from mixer import input_pipeline, sharding
+from tests.conftest import mock_tfds, small_config
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.create_mesh({"data": -1, "model": 1})
+
+
+def _setup(config):
+  builder = input_pipeline.get_builder(config)
+  return builder, input_pipeline.get_info(config, builder)
+
+
+def test_digits_info(data_dir):
+  builder, info = _setup(small_config(data_dir))
+  assert info.num_classes == 10
+  assert info.num_train_examples + info.num_eval_examples == 1797  # all of scikit-learn's digits.
+  assert input_pipeline.image_shape(small_config(data_dir), builder) == (16, 16, 1)
+
+
+def test_eval_covers_the_split_exactly_once(data_dir, mesh):
+  config = small_config(data_dir, eval_batch_size=64)
+  builder, info = _setup(config)
+  labels = collections.Counter()
+  num_batches = 0
+  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
+    mask = np.asarray(batch["mask"]).astype(bool)
+    assert batch["image"].shape == (64, 16, 16, 1)
+    labels.update(np.asarray(batch["label"])[mask].tolist())
+    num_batches += 1
+  assert num_batches == -(-info.num_eval_examples // 64)
+  expected = collections.Counter(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split="test")))
+  assert labels == expected and sum(labels.values()) == info.num_eval_examples
+
+
+def test_train_batches_are_global_arrays_in_range(data_dir, mesh):
+  config = small_config(data_dir)
+  builder, info = _setup(config)
+  batch = next(input_pipeline.train_iterator(config, builder, info, mesh))
+  assert isinstance(batch["image"], jax.Array)
+  assert batch["image"].shape == (32, 16, 16, 1) and batch["label"].shape == (32,)
+  assert batch["image"].sharding == sharding.batch_sharding(mesh)
+  image = np.asarray(batch["image"])
+  assert image.min() >= -1.0 and image.max() <= 1.0 and image.std() > 0.1
+
+
+def test_resume_sees_the_same_batches_across_epochs(data_dir, mesh):
+  config = small_config(data_dir, batch_size=256, pp_train="decode(channels=1)|inception_crop(16)|flip_lr")
+  builder, info = _setup(config)
+  per_epoch = input_pipeline.steps_per_epoch(config, info)
+  assert per_epoch == info.num_train_examples // 256
+  steps = 2 * per_epoch + 2
+  it = input_pipeline.train_iterator(config, builder, info, mesh)
+  straight = [jax.tree.map(np.asarray, next(it)) for _ in range(steps)]
+  for start in (3, per_epoch, per_epoch + 1):
+    it = input_pipeline.train_iterator(config, builder, info, mesh, start_step=start)
+    for step in range(start, steps):
+      batch = next(it)
+      np.testing.assert_array_equal(np.asarray(batch["image"]), straight[step]["image"])
+      np.testing.assert_array_equal(np.asarray(batch["label"]), straight[step]["label"])
+  # Epochs are shuffled differently, and augmentations differ from step to step.
+  assert not np.array_equal(straight[0]["label"], straight[per_epoch]["label"])
+
+
+def test_each_epoch_visits_distinct_examples(data_dir, mesh):
+  config = small_config(data_dir, batch_size=64)
+  builder, info = _setup(config)
+  it = input_pipeline.train_iterator(config, builder, info, mesh)
+  images = np.concatenate([np.asarray(next(it)["image"]) for _ in range(input_pipeline.steps_per_epoch(config, info))])
+  unique = np.unique(images.reshape(len(images), -1), axis=0)
+  assert len(unique) >= 0.97 * len(images)  # a few digits are pixel-identical in the source data.
+
+
+def test_unprepared_dataset_says_how_to_prepare(tmp_path):
+  config = small_config(str(tmp_path), dataset="cifar10")
+  with pytest.raises(FileNotFoundError, match=r"config.dataset='cifar10' is not prepared.*tfds build cifar10"):
+    input_pipeline.get_builder(config)
+
+
+def test_unknown_dataset_and_split_name_the_key(data_dir):
+  with pytest.raises(ValueError, match=r"config.dataset='no_such_dataset_xyz'"):
+    input_pipeline.get_builder(small_config(data_dir, dataset="no_such_dataset_xyz"))
+  config = small_config(data_dir, eval_split="validation")
+  with pytest.raises(ValueError, match=r"config.eval_split='validation'"):
+    _setup(config)
+
+
+def test_batch_larger_than_the_data_is_an_error(data_dir, mesh):
+  config = small_config(data_dir, batch_size=4096)
+  builder, info = _setup(config)
+  with pytest.raises(ValueError, match=r"config.batch_size=4096"):
+    next(input_pipeline.train_iterator(config, builder, info, mesh))
+
+
+def test_imagenet2012_config_on_mock_data(tmp_path, mesh):
+  config = mixer_b16_imagenet2012.get_config()
+  config.data_dir = str(tmp_path)
+  config.batch_size, config.eval_batch_size = 8, 16
+  with mock_tfds("imagenet2012", str(tmp_path), {"train": 24, "validation": 24}):
+    builder, info = _setup(config)
+    assert info.num_classes == 1000 and info.num_train_examples == 24
+    assert input_pipeline.image_shape(config, builder) == (224, 224, 3)
+    it = input_pipeline.train_iterator(config, builder, info, mesh)
+    for _ in range(4):  # more than one epoch
+      batch = next(it)
+      assert batch["image"].shape == (8, 224, 224, 3)
+      image = np.asarray(batch["image"])
+      assert -1.0 <= image.min() and image.max() <= 1.0
+      assert np.all((0 <= np.asarray(batch["label"])) & (np.asarray(batch["label"]) < 1000))
+    masks = [float(b["mask"].sum()) for b in input_pipeline.eval_iterator(config, builder, info, mesh)]
+    assert masks == [16.0, 8.0]

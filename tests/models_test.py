@@ -1,0 +1,147 @@
+"""Tests for mixer/models.py: Table 1 shapes and counts, released parameter names, options."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from mixer import models
+
+# Table 1 of the paper: parameters without the head, in millions (rounded as printed).
+TABLE_1_MILLIONS = {"S/32": 19, "S/16": 18, "B/32": 60, "B/16": 59, "L/32": 206, "L/16": 207, "H/14": 431}
+
+
+def _param_shapes(variant, num_classes=None, image_size=224, channels=3):
+  model = models.MlpMixer(num_classes=num_classes, **models.variant_kwargs(variant))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, channels))))
+
+
+def _expected_count(variant, image_size=224, channels=3):
+  """Counted by hand from the architecture (DESIGN.md), independently of the flax module."""
+  k = models.variant_kwargs(variant)
+  p, c, ds, dc = k["patch_size"], k["hidden_dim"], k["tokens_mlp_dim"], k["channels_mlp_dim"]
+  s = (image_size // p) ** 2
+  stem = p * p * channels * c + c
+  block = 2 * (2 * c) + (s * ds + ds + ds * s + s) + (c * dc + dc + dc * c + c)
+  return stem + k["num_blocks"] * block + 2 * c
+
+
+@pytest.mark.parametrize("variant", models.PAPER_VARIANTS)
+def test_param_count_matches_table_1(variant):
+  count = sum(x.size for x in jax.tree.leaves(_param_shapes(variant)))
+  assert count == _expected_count(variant)
+  assert round(count / 1e6) == TABLE_1_MILLIONS[variant]
+
+
+def test_b16_has_59_1m_params_and_head_adds_c_times_classes_plus_bias():
+  without = sum(x.size for x in jax.tree.leaves(_param_shapes("B/16")))
+  with_head = sum(x.size for x in jax.tree.leaves(_param_shapes("B/16", num_classes=1000)))
+  assert round(without / 1e5) == 591
+  assert with_head - without == 768 * 1000 + 1000
+
+
+def test_param_names_equal_the_released_checkpoints():
+  params = _param_shapes("S/32", num_classes=10)["params"]
+  assert set(params) == {"stem", "pre_head_layer_norm", "head"} | {f"MixerBlock_{i}" for i in range(8)}
+  block = params["MixerBlock_3"]
+  assert set(block) == {"LayerNorm_0", "token_mixing", "LayerNorm_1", "channel_mixing"}
+  for mlp, (width, hidden) in {"token_mixing": (49, 256), "channel_mixing": (512, 2048)}.items():
+    assert set(block[mlp]) == {"Dense_0", "Dense_1"}
+    assert block[mlp]["Dense_0"]["kernel"].shape == (width, hidden)
+    assert block[mlp]["Dense_1"]["kernel"].shape == (hidden, width)
+  assert params["stem"]["kernel"].shape == (32, 32, 3, 512)
+  assert params["head"]["kernel"].shape == (512, 10)
+
+
+@pytest.mark.parametrize("bad", ["X/9", "B16", "B/", "b/16"])
+def test_unknown_variant_names_the_key(bad):
+  with pytest.raises(ValueError, match=r"config\.model\.variant='" + bad):
+    models.variant_kwargs(bad)
+
+
+def _tiny(**kwargs):
+  config = default.get_config().model
+  config.update(kwargs)
+  return models.create_model(config, num_classes=10)
+
+
+def test_output_shapes_head_zero_init_and_prelogits():
+  model = _tiny()
+  x = jnp.ones((3, 16, 16, 1))
+  variables = model.init(jax.random.key(0), x)
+  logits = model.apply(variables, x)
+  assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+  np.testing.assert_array_equal(logits, 0.0)  # the head is zero-initialised.
+  features = model.clone(num_classes=None).apply({"params": {k: v for k, v in variables["params"].items()
+                                                              if k != "head"}}, x)
+  assert features.shape == (3, 128)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype="bfloat16")
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  f32 = _tiny().clone(num_classes=None)
+  bf16 = model.clone(num_classes=None)
+  params = {k: v for k, v in variables["params"].items() if k != "head"}
+  a, b = f32.apply({"params": params}, x), bf16.apply({"params": params}, x)
+  assert b.dtype == jnp.float32  # outputs are cast back for the loss.
+  np.testing.assert_allclose(a, b, atol=0.1)
+  assert not np.array_equal(a, b)
+
+
+def test_stochastic_depth_and_dropout_act_only_in_training():
+  model = _tiny(stoch_depth=0.5, dropout_rate=0.2).clone(num_classes=None)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+  params = model.init(jax.random.key(0), x)["params"]
+  eval_a, eval_b = model.apply({"params": params}, x), model.apply({"params": params}, x)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train = [model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(i)}) for i in (0, 1)]
+  assert not np.allclose(train[0], train[1])
+  same = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)})
+  np.testing.assert_array_equal(train[0], same)
+
+
+def test_stochastic_depth_rises_linearly_from_zero():
+  model = _tiny(stoch_depth=0.3)
+  rates = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, models.MixerBlock) and context.method_name == "__call__":
+      rates.append(context.module.stoch_depth)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))
+  np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3])
+  # A block with rate 0 is the identity mapping of its eval self even in training.
+  block = models.MixerBlock(64, 512, stoch_depth=0.0)
+  y = jax.random.normal(jax.random.key(2), (2, 16, 128))
+  p = block.init(jax.random.key(0), y, train=False)
+  np.testing.assert_array_equal(block.apply(p, y, train=True, rngs={"dropout": jax.random.key(3)}),
+                                block.apply(p, y, train=False))
+
+
+def test_token_mixing_is_shared_across_channels():
+  """Token mixing applies one MLP to every channel: permuting channels permutes its output."""
+  block = models.MlpBlock(mlp_dim=8)
+  y = jax.random.normal(jax.random.key(0), (2, 6, 16))  # [batch, channels, tokens] as in MixerBlock.
+  p = block.init(jax.random.key(1), y, train=False)
+  perm = np.random.default_rng(0).permutation(6)
+  np.testing.assert_allclose(block.apply(p, y[:, perm], train=False), block.apply(p, y, train=False)[:, perm],
+                             rtol=1e-6)
+
+
+def test_image_size_not_multiple_of_patch_is_an_error():
+  with pytest.raises(ValueError, match="patch size 4"):
+    _tiny().init(jax.random.key(0), jnp.zeros((1, 18, 16, 1)))
+
+
+def test_bad_model_config_values_name_the_key():
+  with pytest.raises(ValueError, match=r"config\.model\.dtype='float8'"):
+    _tiny(dtype="float8")
+  with pytest.raises(ValueError, match=r"config\.model\.stoch_depth=1.5"):
+    _tiny(stoch_depth=1.5)

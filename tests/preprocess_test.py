@@ -1,0 +1,73 @@
+"""Tests for mixer/preprocess.py: each op's shapes, value ranges and determinism under a seed."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mixer import preprocess
+
+
+def _jpeg(h=60, w=80, seed=0):
+  image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  return tf.io.encode_jpeg(image), image
+
+
+def _run(spec, image, seed=(1, 2)):
+  return preprocess.get_preprocess_fn(spec)({"image": image, "rng": tf.constant(seed, tf.int64)})["image"].numpy()
+
+
+def test_decode_and_value_range():
+  encoded, _ = _jpeg()
+  out = _run("decode|value_range(-1, 1)", encoded)
+  assert out.shape == (60, 80, 3) and out.dtype == np.float32
+  assert -1.0 <= out.min() and out.max() <= 1.0
+  ramp = tf.constant(np.array([0, 255], np.uint8).reshape(1, 2, 1))
+  np.testing.assert_allclose(_run("value_range(-1, 1)", ramp).ravel(), [-1.0, 1.0])
+  np.testing.assert_allclose(_run("value_range(0, 1)", ramp).ravel(), [0.0, 1.0])
+
+
+@pytest.mark.parametrize("spec", ["decode|inception_crop(32)", "decode_jpeg_and_inception_crop(32)"])
+def test_inception_crop_size_and_determinism(spec):
+  encoded, _ = _jpeg()
+  a, b, c = _run(spec, encoded, (1, 2)), _run(spec, encoded, (1, 2)), _run(spec, encoded, (3, 4))
+  assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_fused_jpeg_crop_equals_decode_then_crop():
+  encoded, _ = _jpeg(seed=3)
+  np.testing.assert_allclose(_run("decode_jpeg_and_inception_crop(24)", encoded).astype(float),
+                             _run("decode|inception_crop(24)", encoded).astype(float), atol=3)
+
+
+def test_flip_is_a_mirror_chosen_by_the_seed():
+  image = tf.constant(np.arange(12, dtype=np.uint8).reshape(2, 6, 1))
+  outs = [_run("flip_lr", image, (s, 0)) for s in range(16)]
+  flipped = [np.array_equal(o, image.numpy()[:, ::-1]) for o in outs]
+  kept = [np.array_equal(o, image.numpy()) for o in outs]
+  assert all(f or k for f, k in zip(flipped, kept, strict=True))
+  assert any(flipped) and any(kept)
+  np.testing.assert_array_equal(_run("flip_lr", image, (5, 0)), _run("flip_lr", image, (5, 0)))
+
+
+def test_resize_small_then_central_crop():
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8))
+  small = _run("resize_small(50)", image)
+  assert small.shape == (50, 100, 3)
+  marked = np.zeros((10, 20, 1), np.uint8)
+  marked[3:7, 8:12] = 255
+  crop = _run("central_crop(4)", tf.constant(marked))
+  np.testing.assert_array_equal(crop, 255)
+
+
+def test_resize_to_square():
+  assert _run("resize(16)", tf.zeros((8, 8, 1), tf.uint8)).shape == (16, 16, 1)
+  assert _run("resize((12, 20))", tf.zeros((8, 8, 3), tf.uint8)).shape == (12, 20, 3)
+
+
+@pytest.mark.parametrize("spec,message", [("decode|rotate(3)", "rotate"), ("resize(x)", "literals"),
+                                          ("resize(", "NAME")])
+def test_bad_pipeline_strings_name_the_op(spec, message):
+  with pytest.raises(ValueError, match=message):
+    preprocess.get_preprocess_fn(spec)

@@ -1,0 +1,144 @@
+"""Tests for mixer/train_lib.py: the train step, the loop with resume, and config validation."""
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixer import input_pipeline, optim, train_lib
+from tests.conftest import run_python, small_config
+
+
+def _step_fixture(config):
+  s = train_lib.setup(config)
+  schedule = optim.create_schedule(config, 100)
+  tx = optim.create_optimizer(config, schedule)
+  state, state_sharding = train_lib.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed)
+  step = train_lib.make_train_step(s.model, tx, train_lib.LOSSES[config.loss], schedule, s.num_classes,
+                                   state_sharding, s.mesh)
+  batch = next(input_pipeline.train_iterator(config, s.builder, s.info, s.mesh))
+  return state, step, batch
+
+
+@pytest.mark.parametrize("loss", ["softmax_xent", "sigmoid_xent"])
+def test_train_step_fits_a_batch(data_dir, loss):
+  state, step, batch = _step_fixture(small_config(data_dir, loss=loss, warmup_steps=1))
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 40
+  assert losses[-1] < 0.5 * losses[0]
+  if loss == "softmax_xent":  # sigmoid first spends its steps pushing all 10 biases negative.
+    assert float(metrics["accuracy"]) > 0.9
+
+
+def test_train_step_donates_the_state(data_dir):
+  state, step, batch = _step_fixture(small_config(data_dir))
+  old_kernel = state.params["head"]["kernel"]
+  step(state, batch, jax.random.key(0))
+  assert old_kernel.is_deleted()
+
+
+def test_losses_match_their_definitions():
+  logits = jnp.array([[2.0, -1.0, 0.5]])
+  labels = jax.nn.one_hot(jnp.array([0]), 3)
+  p = np.exp([2.0, -1.0, 0.5]) / np.exp([2.0, -1.0, 0.5]).sum()
+  np.testing.assert_allclose(train_lib.softmax_xent(logits, labels), [-np.log(p[0])], rtol=1e-6)
+  s = 1 / (1 + np.exp(-np.array([2.0, -1.0, 0.5])))
+  expected = -(np.log(s[0]) + np.log(1 - s[1]) + np.log(1 - s[2]))
+  np.testing.assert_allclose(train_lib.sigmoid_xent(logits, labels), [expected], rtol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+  config = small_config("unused", lr=1.0, warmup_steps=10)
+  for kind in ("linear", "cosine"):
+    config.schedule = kind
+    schedule = optim.create_schedule(config, 110)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-6)
+  assert float(optim.create_schedule(config, 110)(60)) == pytest.approx(0.5, abs=1e-6)  # cosine midpoint
+
+
+def test_train_and_evaluate_then_resume(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, eval_every_steps=15,
+                        log_every_steps=5)
+  history = train_lib.train_and_evaluate(config, workdir)
+  assert [e["step"] for e in history["eval"]] == [15, 30]
+  assert history["eval"][-1]["top1"] > 0.5  # chance is 0.1
+  assert history["eval"][-1]["num_examples"] == 359
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["total_steps"] == 30
+
+  config.total_steps = 40  # a longer run from the same workdir continues from step 30.
+  resumed = train_lib.train_and_evaluate(config, workdir)
+  assert [t["step"] for t in resumed["train"]] == [35, 40]
+  assert resumed["final_step"] == 40
+  s = train_lib.setup(config)
+  step, params = train_lib.load_params(config, workdir, s)
+  assert step == 40
+
+  again = train_lib.train_and_evaluate(config, workdir)  # nothing left to do: no steps, no change.
+  assert again["train"] == [] and again["final_step"] == 40
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("batch_size", 12, r"config.batch_size=12 is not a positive multiple of the 8 devices"),
+    ("eval_batch_size", 20, r"config.eval_batch_size=20"),
+    ("model.variant", "Q/16", r"config.model.variant='Q/16'"),
+    ("loss", "hinge", r"config.loss='hinge'"),
+    ("log_every_steps", 0, r"config.log_every_steps=0"),
+])
+def test_bad_config_fails_at_start_naming_the_key(key, value, match):
+  config = small_config("unused", **{key: value})
+  with pytest.raises(ValueError, match=match):
+    train_lib.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_bad_optimizer_and_schedule_name_the_key():
+  with pytest.raises(ValueError, match=r"config.optim.name='lamb'"):
+    optim.create_optimizer(small_config("unused", **{"optim.name": "lamb"}), optim.create_schedule(
+        small_config("unused"), 10))
+  with pytest.raises(ValueError, match=r"config.schedule='step'"):
+    optim.create_schedule(small_config("unused", schedule="step"), 10)
+  with pytest.raises(ValueError, match=r"config.warmup_steps=20"):
+    optim.create_schedule(small_config("unused", warmup_steps=20), 10)
+
+
+_TRAIN_AND_PRINT = """
+import json, sys
+from tests.conftest import small_config
+from mixer import train_lib
+config = small_config({data_dir!r}, total_steps=12, **{overrides!r})
+history = train_lib.train_and_evaluate(config, {workdir!r})
+print(json.dumps(history))
+"""
+
+
+def _train_in_subprocess(data_dir, workdir, devices, **overrides):
+  out = run_python(_TRAIN_AND_PRINT.format(data_dir=data_dir, workdir=workdir, overrides=overrides),
+                   devices=devices)
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_eight_devices_give_the_same_loss_curve_as_one(data_dir, tmp_path):
+  one = _train_in_subprocess(data_dir, str(tmp_path / "one"), devices=1)
+  eight = _train_in_subprocess(data_dir, str(tmp_path / "eight"), devices=8)
+  np.testing.assert_allclose([t["loss"] for t in eight["train"]], [t["loss"] for t in one["train"]],
+                             rtol=1e-4, atol=1e-5)
+  assert len(one["train"]) == 12
+  assert one["train"][-1]["loss"] < one["train"][0]["loss"]
+  np.testing.assert_allclose(eight["eval"][-1]["top1"], one["eval"][-1]["top1"], atol=1 / 359 + 1e-6)
+
+
+def test_batch_not_divisible_by_devices_fails_at_start(data_dir, tmp_path):
+  with pytest.raises(AssertionError, match=r"config.batch_size=36 is not a positive multiple of the 8 devices"):
+    _train_in_subprocess(data_dir, str(tmp_path), devices=8, batch_size=36)
