@@ -35,7 +35,7 @@ def main(argv):
   split = FLAGS.split or config.eval_split
   s = train_lib.setup(config)
   step, params = train_lib.load_params(config, FLAGS.workdir, s)
-  eval_step = train_lib.make_eval_step(s.model, train_lib.LOSSES[config.loss], s.num_classes,
+  eval_step = train_lib.make_eval_step(config, s.model, s.num_classes,
                                        jax.tree.map(lambda x: x.sharding, params), s.mesh)
   results = train_lib.evaluate(eval_step, params,
                                input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split))

@@ -16,7 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = "digits"
   config.data_dir = config_dict.placeholder(str)  # None: tfds's default (~/tensorflow_datasets).
   config.train_split = "train"
+  config.train_percent = 100  # train on the first N% of train_split (the paper's 3/10/30/100% study).
   config.eval_split = "test"
+  config.label_key = "label"  # a ClassLabel, or a Sequence of them (multi-label, JFT-style).
+  config.max_labels = 16  # multi-label only: labels kept per image.
   config.num_classes = config_dict.placeholder(int)  # None: read from the dataset's info.
   # The 8x8 digits are upsampled so that 4x4 patches give a 4x4 token grid.
   config.pp_train = "decode(channels=1)|resize(16)|value_range(-1, 1)"
@@ -32,8 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stoch_depth = 0.0
   config.model.gelu_approximate = True  # tanh gelu, as the released checkpoints.
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+  config.model.remat = False  # recompute block activations in the backward pass: less memory.
+  config.model.scan_blocks = False  # nn.scan over blocks: faster compiles for deep models.
 
   config.loss = "softmax_xent"  # or "sigmoid_xent" (the paper's choice for large label spaces).
+  config.mixup = 0.0  # mixup's Beta(p, p) parameter; 0 turns it off (paper: 0.2-0.5 on ImageNet).
+  config.grad_accum_steps = 1  # split each batch into this many sequential micro-batches.
 
   # Optimizer: Adam with decoupled weight decay, warm-up, decay, clipping (paper Sec. 3).
   config.optim = ml_collections.ConfigDict()
@@ -52,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Device mesh: "data" splits the batch, "model" the parameters; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+  # Parameter layout: replicated (data parallel), fsdp, tensor, fsdp_tensor, or "embed=data,mlp=model".
+  config.param_sharding = "replicated"
 
   config.log_every_steps = 10
   # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.

@@ -48,23 +48,58 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def train_split(config) -> str:
+  """config.train_split, cut to its first config.train_percent % (the paper's 3/10/30/100% subsets)."""
+  percent = config.train_percent
+  if not 0 < percent <= 100 or int(percent) != percent:
+    raise ValueError(f"config.train_percent={percent} is not a whole number in 1..100")
+  return config.train_split if percent == 100 else f"{config.train_split}[:{int(percent)}%]"
+
+
+def _label_feature(config, builder):
+  features = builder.info.features
+  if config.label_key not in features:
+    raise ValueError(f"config.label_key={config.label_key!r} is not a feature of {config.dataset!r} "
+                     f"({', '.join(features)})")
+  feature = features[config.label_key]
+  multi = isinstance(feature, tfds.features.Sequence)
+  return (feature.feature if multi else feature), multi
+
+
+def is_multilabel(config, builder) -> bool:
+  """A Sequence of labels per image (JFT-style): batches carry them padded with -1."""
+  return _label_feature(config, builder)[1]
+
+
 def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
-  for key in ("train_split", "eval_split"):
+  splits = {"train_split": train_split(config), "eval_split": config.eval_split}
+  for key, split in splits.items():
     try:
-      builder.info.splits[config[key]]
+      builder.info.splits[split]
     except (KeyError, ValueError) as e:
       raise ValueError(f"config.{key}={config[key]!r} is not a split of {config.dataset!r} "
                        f"({', '.join(builder.info.splits)}): {e}") from None
-  return DatasetInfo(num_classes=builder.info.features["label"].num_classes,
-                     num_train_examples=builder.info.splits[config.train_split].num_examples,
+  return DatasetInfo(num_classes=_label_feature(config, builder)[0].num_classes,
+                     num_train_examples=builder.info.splits[splits["train_split"]].num_examples,
                      num_eval_examples=builder.info.splits[config.eval_split].num_examples)
+
+
+def _labels(config, multilabel: bool):
+  """Reads the config's label feature as a fixed-shape int32: a scalar, or max_labels padded with -1."""
+  def get(example):
+    label = tf.cast(example[config.label_key], tf.int32)
+    if not multilabel:
+      return label
+    label = label[:config.max_labels]
+    return tf.pad(label, [[0, config.max_labels - tf.shape(label)[0]]], constant_values=-1)
+  return get
 
 
 def image_shape(config, builder) -> tuple[int, ...]:
   """The shape of one image after the eval preprocessing: the model's input shape."""
   pp = preprocess.get_preprocess_fn(config.pp_eval)
   example = next(iter(_read(builder, config.eval_split, autocache=False).take(1)))
-  return tuple(pp({"image": example["image"], "label": example["label"]})["image"].shape)
+  return tuple(pp({"image": example["image"]})["image"].shape)
 
 
 def _read(builder, split: str, shuffle_seed=None, autocache: bool = True) -> tf.data.Dataset:
@@ -98,17 +133,18 @@ def _train_epoch(config, builder, epoch: int, skip_batches: int) -> tf.data.Data
   batch = local_batch_size(config.batch_size)
   seed = [config.seed, epoch]
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
-  ds = _read(builder, config.train_split, shuffle_seed=epoch_seed)
+  ds = _read(builder, train_split(config), shuffle_seed=epoch_seed)
   ds = ds.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
   ds = ds.enumerate().skip(skip_batches * batch)
   pp = preprocess.get_preprocess_fn(config.pp_train)
+  labels = _labels(config, is_multilabel(config, builder))
   process = jax.process_index()
 
   def prepare(index, example):
     rng = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), process), index)
-    features = pp({"image": example["image"], "label": example["label"], "rng": rng})
-    return {"image": features["image"], "label": features["label"]}
+    features = pp({"image": example["image"], "rng": rng})
+    return {"image": features["image"], "label": labels(example)}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch, drop_remainder=True).with_options(_options())
@@ -144,10 +180,10 @@ def eval_iterator(config, builder, info: DatasetInfo, mesh, split=None) -> Itera
   batch = local_batch_size(config.eval_batch_size)
   num_batches = math.ceil(math.ceil(num_examples / jax.process_count()) / batch)
   pp = preprocess.get_preprocess_fn(config.pp_eval)
+  labels = _labels(config, is_multilabel(config, builder))
 
   def prepare(example):
-    features = pp({"image": example["image"], "label": example["label"]})
-    return {"image": features["image"], "label": features["label"], "mask": tf.constant(1.0)}
+    return {"image": pp({"image": example["image"]})["image"], "label": labels(example), "mask": tf.constant(1.0)}
 
   ds = _read(builder, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())

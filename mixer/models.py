@@ -44,17 +44,16 @@ class MlpBlock(nn.Module):
     return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
 
 
-class StochasticDepth(nn.Module):
-  """Drops the whole residual branch per example with probability `rate` (Huang et al. 2016)."""
-  rate: float
+def stochastic_depth(module: nn.Module, x, rate, train: bool):
+  """Drops the whole residual branch per example with probability `rate` (Huang et al. 2016).
 
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  `rate` may be traced (a scanned per-block value), so a zero rate is not special-cased then.
+  """
+  if not train or (isinstance(rate, float) and rate == 0.0):
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class MixerBlock(nn.Module):
@@ -67,16 +66,31 @@ class MixerBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool = False, stoch_depth=None):
+    rate = self.stoch_depth if stoch_depth is None else stoch_depth
     mlp = dict(dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)
     y = MlpBlock(self.tokens_mlp_dim, name="token_mixing", **mlp)(y, train=train)
     y = jnp.swapaxes(y, 1, 2)
-    x = x + StochasticDepth(self.stoch_depth)(y, train=train)
+    x = x + stochastic_depth(self, y, rate, train)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, name="channel_mixing", **mlp)(y, train=train)
-    return x + StochasticDepth(self.stoch_depth)(y, train=train)
+    return x + stochastic_depth(self, y, rate, train)
+
+
+def _block_class(remat: bool):
+  return nn.remat(MixerBlock, static_argnums=(2,)) if remat else MixerBlock
+
+
+class _ScannedBlock(nn.Module):
+  """A MixerBlock in the (carry, per-block input) -> (carry, output) form that nn.scan needs."""
+  block_kwargs: tuple  # MixerBlock's fields as (name, value) pairs.
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x, rate, train: bool):
+    return _block_class(self.remat)(**dict(self.block_kwargs), name="block")(x, train, rate), None
 
 
 class MlpMixer(nn.Module):
@@ -91,6 +105,8 @@ class MlpMixer(nn.Module):
   stoch_depth: float = 0.0  # rate at the last block; it rises linearly from 0 at the first.
   gelu_approximate: bool = True  # the released weights use tanh gelu; timm uses exact gelu.
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32.
+  remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint).
+  scan_blocks: bool = False  # one nn.scan over the blocks: params stacked under "MixerBlocks".
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -99,10 +115,16 @@ class MlpMixer(nn.Module):
       raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the patch size {p}")
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images)
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))
-    for i in range(self.num_blocks):
-      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dropout_rate, rate,
-                     self.gelu_approximate, self.dtype)(x, train=train)
+    rates = [self.stoch_depth * i / max(self.num_blocks - 1, 1) for i in range(self.num_blocks)]
+    block = dict(tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim,
+                 dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
+    if self.scan_blocks:
+      scan = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(0, nn.broadcast), length=self.num_blocks)
+      x, _ = scan(tuple(block.items()), self.remat, name="MixerBlocks")(x, jnp.asarray(rates), train)
+    else:
+      for i in range(self.num_blocks):
+        x = _block_class(self.remat)(**block, stoch_depth=rates[i], name=f"MixerBlock_{i}")(x, train)
     x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
     x = jnp.mean(x, axis=1)  # the pre-logits that few-shot evaluation reads.
     if self.num_classes:
@@ -120,4 +142,21 @@ def create_model(model_config, num_classes: int | None) -> MlpMixer:
       raise ValueError(f"config.model.{key}={model_config[key]} is not in [0, 1)")
   return MlpMixer(num_classes=num_classes, dropout_rate=model_config.dropout_rate,
                   stoch_depth=model_config.stoch_depth, gelu_approximate=model_config.gelu_approximate,
-                  dtype=dtypes[model_config.dtype], **variant_kwargs(model_config.variant))
+                  dtype=dtypes[model_config.dtype], remat=model_config.remat,
+                  scan_blocks=model_config.scan_blocks, **variant_kwargs(model_config.variant))
+
+
+def stack_blocks(params: dict) -> dict:
+  """Released layout (MixerBlock_0..N-1) -> the scan_blocks layout (one "MixerBlocks", stacked)."""
+  names = sorted((k for k in params if k.startswith("MixerBlock_")), key=lambda k: int(k.split("_")[1]))
+  rest = {k: v for k, v in params.items() if not k.startswith("MixerBlock_")}
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  return {**rest, "MixerBlocks": {"block": stacked}}
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The scan_blocks layout -> the released layout, e.g. to export or to load into a loop model."""
+  rest = {k: v for k, v in params.items() if k != "MixerBlocks"}
+  stacked = params["MixerBlocks"]["block"]
+  num_blocks = jax.tree.leaves(stacked)[0].shape[0]
+  return {**rest, **{f"MixerBlock_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_blocks)}}

@@ -1,4 +1,5 @@
-"""Image ops on tf tensors, composed by configs as a string like "decode|resize(16)|value_range(-1, 1)".
+"""Image ops on tf tensors, composed by configs as a string like "decode|resize(16)|value_range(-1, 1)",
+and mixup, the one batch-level augmentation, which runs on device inside the train step.
 
 Each op maps a features dict to a features dict. Random ops are stateless: they draw from the
 per-example seed in features["rng"] (set by the input pipeline), so a pipeline is deterministic
@@ -8,7 +9,11 @@ given the config seed, whatever tf.data's parallelism.
 import ast
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import tensorflow as tf
+
+from mixer import randaugment as randaugment_lib
 
 Features = dict[str, tf.Tensor]
 Op = Callable[[Features], Features]
@@ -119,8 +124,16 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: fl
   return op
 
 
+def randaugment(num_layers: int = 2, magnitude: float = 15) -> Op:
+  """RandAugment on uint8 images: `num_layers` random ops of strength `magnitude` (paper: 2 layers, 10-20)."""
+  def op(features):
+    features["image"] = randaugment_lib.randaugment(features["image"], num_layers, magnitude, _next_seed(features))
+    return features
+  return op
+
+
 OPS = {fn.__name__: fn for fn in (decode, inception_crop, decode_jpeg_and_inception_crop, resize,
-                                  resize_small, central_crop, flip_lr, value_range)}
+                                  resize_small, central_crop, flip_lr, randaugment, value_range)}
 
 
 def _parse_op(spec: str) -> Op:
@@ -148,3 +161,15 @@ def get_preprocess_fn(spec: str) -> Op:
       features = op(features)
     return features
   return fn
+
+
+def mixup(rng: jax.Array, images: jax.Array, targets: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
+  """Mixes each example with its neighbour in the batch (Zhang et al. 2018), as big_vision does.
+
+  One weight a ~ Beta(p, p), folded to a >= 1/2, for the whole batch; targets mix with the same
+  weight, so rows that summed to 1 still do.
+  """
+  a = jax.random.beta(rng, p, p)
+  a = jnp.maximum(a, 1.0 - a)
+  mix = lambda x: a.astype(x.dtype) * x + (1.0 - a).astype(x.dtype) * jnp.roll(x, 1, axis=0)
+  return mix(images), mix(targets)

@@ -1,11 +1,43 @@
-"""The device mesh and the shardings of batches and parameters."""
+"""The device mesh, and how batches, parameters and optimizer state are laid out on it.
+
+Parameters get logical axis names from their path (the released names, so the table below reads like
+the model); config.param_sharding maps logical names to mesh axes. Presets: "replicated" (pure data
+parallel), "fsdp" (every parameter and its optimizer state split over "data"), "tensor" (the MLPs'
+hidden units split over "model"), "fsdp_tensor" (both); or explicit rules "embed=data,mlp=model".
+"""
+
+import re
+from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
+
+# (path regex, logical axes). Optimizer-state leaves mirror the param paths, so they match too.
+LOGICAL_AXES = (
+    (r"stem/kernel$", (None, None, None, "embed")),
+    (r"token_mixing/Dense_0/kernel$", ("tokens", "tokens_mlp")),
+    (r"token_mixing/Dense_0/bias$", ("tokens_mlp",)),
+    (r"token_mixing/Dense_1/kernel$", ("tokens_mlp", "tokens")),
+    (r"token_mixing/Dense_1/bias$", ("tokens",)),
+    (r"channel_mixing/Dense_0/kernel$", ("embed", "mlp")),
+    (r"channel_mixing/Dense_0/bias$", ("mlp",)),
+    (r"channel_mixing/Dense_1/kernel$", ("mlp", "embed")),
+    (r"head/kernel$", ("embed", "classes")),
+    (r"head/bias$", ("classes",)),
+    (r"(LayerNorm_\d|pre_head_layer_norm)/(scale|bias)$|stem/bias$|channel_mixing/Dense_1/bias$", ("embed",)),
+)
+
+PRESETS = {
+    "replicated": "",
+    "fsdp": "embed=data,tokens_mlp=data",
+    "tensor": "mlp=model,tokens_mlp=model",
+    "fsdp_tensor": "embed=data,mlp=model,tokens_mlp=model",
+}
 
 
 def create_mesh(mesh_config, devices=None) -> Mesh:
@@ -13,22 +45,66 @@ def create_mesh(mesh_config, devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
   sizes = [mesh_config[a] for a in AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=False))}: sizes must be positive, at most one -1")
+    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))}: sizes must be positive, at most one -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if devices.size % known:
-    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=False))} does not divide {devices.size} devices")
+    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} does not divide {devices.size} devices")
   sizes = [devices.size // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != devices.size:
-    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=False))} needs {np.prod(sizes)} devices, "
+    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} needs {np.prod(sizes)} devices, "
                      f"there are {devices.size}")
   # Auto axes: jit's partitioner propagates shardings from the NamedShardings we give it (pjit style).
   return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices.tolist())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches are split over the leading axis across every data-parallel device."""
+  """Batches are split over the leading axis across the data-parallel devices."""
   return NamedSharding(mesh, P("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def parse_rules(param_sharding: str) -> dict[str, str]:
+  """config.param_sharding (a preset or "logical=mesh_axis,...") -> {logical: mesh axis}."""
+  spec = PRESETS.get(param_sharding, param_sharding)
+  rules = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    logical, _, axis = item.partition("=")
+    if axis not in AXES or not logical:
+      raise ValueError(f"config.param_sharding={param_sharding!r}: {item!r} is not LOGICAL=MESH_AXIS with "
+                       f"MESH_AXIS one of {AXES}; presets: {', '.join(PRESETS)}")
+    rules[logical] = axis
+  return rules
+
+
+def _path(keys) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
+def logical_axes(path: str, ndim: int) -> tuple:
+  """The logical axis names of the leaf at `path`; a scanned (stacked) leaf has a leading None."""
+  for pattern, axes in LOGICAL_AXES:
+    if re.search(pattern, path):
+      return (None,) * (ndim - len(axes)) + axes if ndim >= len(axes) else (None,) * ndim
+  return (None,) * ndim
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, str]) -> Any:
+  """NamedShardings for every leaf of a params/train-state tree of arrays or ShapeDtypeStructs.
+
+  A dimension that its mesh axis does not divide stays replicated (logged), so one rule serves
+  every variant.
+  """
+  def spec(keys, leaf):
+    path, axes = _path(keys), logical_axes(_path(keys), leaf.ndim)
+    dims = []
+    for size, name in zip(leaf.shape, axes, strict=True):
+      axis = rules.get(name)
+      if axis is not None and (size % mesh.shape[axis] or axis in dims):
+        logging.info("Not sharding %s dim %s (%d) over %s (%d devices)", path, name, size, axis, mesh.shape[axis])
+        axis = None
+      dims.append(axis)
+    return NamedSharding(mesh, P(*dims))
+  return jax.tree_util.tree_map_with_path(spec, tree)

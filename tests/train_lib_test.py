@@ -18,8 +18,7 @@ def _step_fixture(config):
   schedule = optim.create_schedule(config, 100)
   tx = optim.create_optimizer(config, schedule)
   state, state_sharding = train_lib.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed)
-  step = train_lib.make_train_step(s.model, tx, train_lib.LOSSES[config.loss], schedule, s.num_classes,
-                                   state_sharding, s.mesh)
+  step = train_lib.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
   batch = next(input_pipeline.train_iterator(config, s.builder, s.info, s.mesh))
   return state, step, batch
 
