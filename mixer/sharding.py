@@ -48,7 +48,8 @@ def create_mesh(mesh_config, devices=None) -> Mesh:
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))}: sizes must be positive, at most one -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if devices.size % known:
-    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} does not divide {devices.size} devices")
+    raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} needs a multiple of {known} devices, "
+                     f"there are {devices.size}")
   sizes = [devices.size // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != devices.size:
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} needs {np.prod(sizes)} devices, "

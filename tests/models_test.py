@@ -145,3 +145,30 @@ def test_bad_model_config_values_name_the_key():
     _tiny(dtype="float8")
   with pytest.raises(ValueError, match=r"config\.model\.stoch_depth=1.5"):
     _tiny(stoch_depth=1.5)
+
+
+def test_scanned_blocks_equal_the_loop_with_stacked_params():
+  loop, scanned = _tiny(stoch_depth=0.2), _tiny(stoch_depth=0.2, scan_blocks=True)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  params = loop.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape), params)
+  stacked = models.stack_blocks(params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(scanned.init(jax.random.key(1), x)["params"])
+  assert stacked["MixerBlocks"]["block"]["token_mixing"]["Dense_0"]["kernel"].shape == (4, 16, 64)
+  np.testing.assert_allclose(scanned.apply({"params": stacked}, x), loop.apply({"params": params}, x), atol=1e-5)
+  unstacked = models.unstack_blocks(stacked)
+  assert jax.tree.all(jax.tree.map(np.array_equal, unstacked, params))
+
+
+def test_remat_gives_the_same_gradients():
+  plain, remat = _tiny(dropout_rate=0.1), _tiny(dropout_rate=0.1, remat=True)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  params = plain.init(jax.random.key(1), x)["params"]
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(3), params["head"]["kernel"].shape)
+
+  def grads(model):
+    loss = lambda p: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(4)}).sum()
+    return jax.grad(loss)(params)
+
+  for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

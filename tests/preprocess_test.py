@@ -1,10 +1,12 @@
 """Tests for mixer/preprocess.py: each op's shapes, value ranges and determinism under a seed."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from mixer import preprocess
+from mixer import preprocess, randaugment
 
 
 def _jpeg(h=60, w=80, seed=0):
@@ -71,3 +73,50 @@ def test_resize_to_square():
 def test_bad_pipeline_strings_name_the_op(spec, message):
   with pytest.raises(ValueError, match=message):
     preprocess.get_preprocess_fn(spec)
+
+
+def test_randaugment_keeps_shape_and_dtype_and_follows_the_seed():
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+  outs = {seed: _run("randaugment(2, 15)", image, (seed, 0)) for seed in range(8)}
+  for out in outs.values():
+    assert out.shape == (48, 40, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(_run("randaugment(2, 15)", image, (3, 0)), outs[3])
+  assert len({o.tobytes() for o in outs.values()}) > 4  # different seeds, different augmentations.
+  assert any(not np.array_equal(o, image.numpy()) for o in outs.values())
+
+
+@pytest.mark.parametrize("index", range(randaugment.NUM_OPS))
+def test_each_randaugment_op_keeps_uint8_shape(index):
+  image = tf.constant(np.random.default_rng(index).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+  op = randaugment._ops(tf.constant(10.0), tf.constant(1.0), tf.constant([4, 5]))[index]
+  out = op(image).numpy()
+  assert out.shape == (24, 32, 3) and out.dtype == np.uint8
+
+
+def test_randaugment_ops_do_what_they_say():
+  ramp = tf.constant(np.tile(np.arange(64, 192, 4, dtype=np.uint8)[None, :, None], (8, 1, 3)))
+  np.testing.assert_array_equal(randaugment.invert(ramp, None).numpy(), 255 - ramp.numpy())
+  stretched = randaugment.autocontrast(ramp, None).numpy()
+  assert stretched.min() == 0 and stretched.max() == 255
+  assert randaugment.brightness(ramp, tf.constant(0.0)).numpy().max() <= 26  # factor 0.1 of the ramp
+  rotated = randaugment.rotate(ramp, tf.constant(180.0)).numpy()
+  np.testing.assert_array_equal(rotated, ramp.numpy()[::-1, ::-1])
+  shifted = randaugment.translate_x(ramp, tf.constant(2.0)).numpy()
+  np.testing.assert_array_equal(shifted[:, 2:], ramp.numpy()[:, :-2])
+  assert np.all(shifted[:, :2] == 128)
+  with pytest.raises(ValueError, match="uint8"):
+    randaugment.randaugment(tf.zeros((4, 4, 3)), 2, 10, tf.constant([0, 0], tf.int64))
+
+
+def test_mixup_mixes_images_and_targets_with_one_weight():
+  images = jax.random.normal(jax.random.key(0), (6, 4, 4, 3))
+  targets = jax.nn.one_hot(jnp.arange(6) % 3, 3)
+  mixed, mixed_targets = preprocess.mixup(jax.random.key(1), images, targets, 0.5)
+  np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)  # label sums stay 1.
+  a = float(mixed_targets[1, 1])  # example 1 (class 1) mixed with example 0 (class 0).
+  assert 0.5 <= a <= 1.0
+  np.testing.assert_allclose(mixed, a * images + (1 - a) * jnp.roll(images, 1, axis=0), rtol=1e-5, atol=1e-6)
+  again, _ = preprocess.mixup(jax.random.key(1), images, targets, 0.5)
+  np.testing.assert_array_equal(again, mixed)
+  other, _ = preprocess.mixup(jax.random.key(2), images, targets, 0.5)
+  assert not np.allclose(other, mixed)

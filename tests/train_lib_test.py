@@ -17,7 +17,8 @@ def _step_fixture(config):
   s = train_lib.setup(config)
   schedule = optim.create_schedule(config, 100)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = train_lib.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed)
+  state, state_sharding = train_lib.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
+                                                       config.param_sharding)
   step = train_lib.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
   batch = next(input_pipeline.train_iterator(config, s.builder, s.info, s.mesh))
   return state, step, batch
@@ -41,6 +42,42 @@ def test_train_step_donates_the_state(data_dir):
   old_kernel = state.params["head"]["kernel"]
   step(state, batch, jax.random.key(0))
   assert old_kernel.is_deleted()
+
+
+def test_gradient_accumulation_gives_the_same_update(data_dir):
+  results = []
+  for accum in (1, 4):
+    # SGD: its update is linear in the gradient, so any accumulation error would show undistorted.
+    config = small_config(data_dir, grad_accum_steps=accum, warmup_steps=1, **{"optim.name": "sgd"})
+    state, step, batch = _step_fixture(config)
+    state = jax.tree.map(lambda x: x + 0.0, state)  # a copy: the step donates it.
+    for _ in range(3):
+      state, metrics = step(state, batch, jax.random.key(0))
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (params_1, metrics_1), (params_4, metrics_4) = results
+  np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mixup_and_stochastic_depth_train(data_dir):
+  config = small_config(data_dir, mixup=0.5, warmup_steps=1, **{"model.stoch_depth": 0.1})
+  state, step, batch = _step_fixture(config)
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and np.mean(losses[-5:]) < losses[0]
+
+
+def test_multilabel_targets_and_precision_at_1():
+  labels = jnp.array([[0, 2, -1], [1, -1, -1]])
+  targets = train_lib.to_targets(labels, 4)
+  np.testing.assert_array_equal(targets, [[1, 0, 1, 0], [0, 1, 0, 0]])
+  logits = jnp.array([[0.0, 5.0, 1.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(train_lib.correct_at_1(logits, targets), [False, True])
+  np.testing.assert_array_equal(train_lib.to_targets(jnp.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
 
 
 def test_losses_match_their_definitions():
@@ -95,6 +132,8 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
     ("model.variant", "Q/16", r"config.model.variant='Q/16'"),
     ("loss", "hinge", r"config.loss='hinge'"),
     ("log_every_steps", 0, r"config.log_every_steps=0"),
+    ("grad_accum_steps", 3, r"config.grad_accum_steps=3 does not divide the per-device batch 4"),
+    ("param_sharding", "embed=rows", r"config.param_sharding='embed=rows'"),
 ])
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})

@@ -1,0 +1,70 @@
+"""Tests for mixer/sharding.py: mesh creation, logical-axis rules, and the same training under every
+parameter layout (data parallel, FSDP, FSDP + tensor parallel) on 8 simulated CPU devices."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mixer import sharding
+from tests.conftest import run_python
+
+
+def test_presets_and_explicit_rules():
+  assert sharding.parse_rules("replicated") == {}
+  assert sharding.parse_rules("fsdp") == {"embed": "data", "tokens_mlp": "data"}
+  assert sharding.parse_rules("embed=data, mlp=model") == {"embed": "data", "mlp": "model"}
+  with pytest.raises(ValueError, match=r"config.param_sharding='embed=rows'"):
+    sharding.parse_rules("embed=rows")
+
+
+def test_logical_axes_cover_every_parameter_and_optimizer_leaf():
+  assert sharding.logical_axes("params/MixerBlock_3/channel_mixing/Dense_0/kernel", 2) == ("embed", "mlp")
+  assert sharding.logical_axes("opt_state/1/0/mu/MixerBlock_0/token_mixing/Dense_1/kernel", 2) == (
+      "tokens_mlp", "tokens")
+  assert sharding.logical_axes("params/MixerBlocks/block/LayerNorm_1/scale", 2) == (None, "embed")  # scanned
+  assert sharding.logical_axes("params/stem/kernel", 4) == (None, None, None, "embed")
+  assert sharding.logical_axes("opt_state/1/0/count", 0) == ()
+
+
+def test_mesh_sizes_are_checked():
+  with pytest.raises(ValueError, match=r"config.mesh=.*at most one -1"):
+    sharding.create_mesh({"data": -1, "model": -1})
+  with pytest.raises(ValueError, match=r"config.mesh=.*needs a multiple of 4 devices, there are 1"):
+    sharding.create_mesh({"data": 2, "model": 2})
+  with pytest.raises(ValueError, match=r"config.mesh=.*needs 1 devices, there are 3"):
+    sharding.create_mesh({"data": 1, "model": 1}, devices=[object()] * 3)
+
+
+_LAYOUTS = """
+import json
+import jax
+from tests.conftest import small_config
+from mixer import optim, train_lib
+out = {}
+for name, mesh, rules in [("dp", {"data": 8, "model": 1}, "replicated"), ("fsdp", {"data": 8, "model": 1}, "fsdp"),
+                          ("fsdp_tensor", {"data": 4, "model": 2}, "fsdp_tensor")]:
+  config = small_config(%(data_dir)r, total_steps=8, param_sharding=rules, mesh=mesh)
+  history = train_lib.train_and_evaluate(config, %(workdir)r + "/" + name)
+  s = train_lib.setup(config)
+  tx = optim.create_optimizer(config, optim.create_schedule(config, 8))
+  state, _ = train_lib.create_train_state(s.model, tx, s.image_shape, s.mesh, 0, rules)
+  kernel = state.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
+  mu = state.opt_state[1][0].mu["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
+  out[name] = {"loss": [t["loss"] for t in history["train"]], "top1": history["eval"][-1]["top1"],
+               "kernel": list(kernel.shape), "kernel_shard": list(kernel.addressable_shards[0].data.shape),
+               "mu_shard": list(mu.addressable_shards[0].data.shape)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_same_loss_under_data_parallel_fsdp_and_tensor_parallel(data_dir, tmp_path):
+  out = run_python(_LAYOUTS % {"data_dir": data_dir, "workdir": str(tmp_path)}, devices=8)
+  runs = json.loads(out.strip().splitlines()[-1])
+  assert runs["dp"]["kernel"] == [128, 512] and runs["dp"]["kernel_shard"] == [128, 512]
+  assert runs["fsdp"]["kernel_shard"] == [16, 512] and runs["fsdp"]["mu_shard"] == [16, 512]
+  assert runs["fsdp_tensor"]["kernel_shard"] == [32, 256] and runs["fsdp_tensor"]["mu_shard"] == [32, 256]
+  for name in ("fsdp", "fsdp_tensor"):
+    np.testing.assert_allclose(runs[name]["loss"], runs["dp"]["loss"], rtol=1e-4, atol=1e-5)
+    assert abs(runs[name]["top1"] - runs["dp"]["top1"]) <= 1 / 359 + 1e-6
