@@ -30,6 +30,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.initialize_distributed()
   from mixer import input_pipeline, train_lib
   config = load_config(FLAGS.workdir)
   split = FLAGS.split or config.eval_split
@@ -40,8 +41,9 @@ def main(argv):
   results = train_lib.evaluate(eval_step, params,
                                input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split))
   results = {"dataset": config.dataset, "split": split, "step": step, **results}
-  with open(os.path.join(FLAGS.workdir, f"eval_{split.replace(':', '_')}.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(FLAGS.workdir, f"eval_{split.replace(':', '_')}.json"), "w") as f:
+      json.dump(results, f, indent=2)
   print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
         f"{results['top1']:.4f}")
 

@@ -19,6 +19,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.initialize_distributed()
   from mixer import train_lib
   history = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   final = history["eval"][-1] if history["eval"] else None

@@ -3,11 +3,33 @@
 import logging as std_logging
 import os
 
-from absl import logging
+from absl import flags, logging
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
 _CHATTY = ("/orbax/", "/jax/_src/", "/tensorflow_datasets/")
+
+
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with the cluster's auto-detected "
+                  "settings (TPU pods, SLURM, Open MPI, ...).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process job started by "
+                    "hand; with --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_distributed() -> None:
+  """Joins the multi-process job, if this is one: must run before any JAX computation."""
+  import jax
+  if flags.FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
+                               num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id)
+  elif flags.FLAGS.multihost:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("Process %d of %d; %d local of %d devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -1,0 +1,57 @@
+"""Mixer pre-trained on ImageNet-1k at 224px, the paper's recipe (Sec. 3, App. B, Table 4).
+
+  python train.py --config configs/mixer_imagenet2012.py:b16 --config.data_dir=DATA_DIR --workdir W
+The argument picks the variant: s32, s16, b32, b16, l32, l16, h14 (Table 4 gives B and L; the others
+reuse that recipe). ImageNet must be prepared once: `tfds build imagenet2012 --data_dir=DATA_DIR`
+with the archives in DATA_DIR/downloads/manual.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def variant(arg: str) -> str:
+  """'b16' -> 'B/16'."""
+  arg = arg or "b16"
+  return f"{arg[0].upper()}/{arg[1:]}"
+
+
+def pretraining_config(arg: str) -> ml_collections.ConfigDict:
+  """What every paper pre-training run shares (Sec. 3 and App. B)."""
+  config = default.get_config()
+  config.model.variant = variant(arg)
+  config.model.dtype = "bfloat16"
+  config.batch_size = 4096  # Sec. 3.
+  config.eval_batch_size = 4096
+  config.shuffle_buffer = 250_000
+  config.optim.name = "adam"  # Sec. 3: Adam with beta1 0.9, beta2 0.999.
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.schedule = "linear"  # Sec. 3: linear warm-up of 10k steps, then linear decay.
+  config.warmup_steps = 10_000
+  config.grad_clip_norm = 1.0  # Sec. 3: global norm 1.
+  config.pp_eval = "decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"
+  config.log_every_steps = 50
+  config.sync_every_steps = 50  # accelerators do not have XLA:CPU's in-flight limit.
+  config.eval_every_steps = 5_000
+  config.checkpoint_every_steps = 1_000
+  # Memory: measured with benchmarks/memory.py (README); H/14 needs FSDP and remat on 16 GB devices.
+  config.param_sharding = "fsdp" if config.model.variant.startswith(("L", "H")) else "replicated"
+  config.model.remat = config.model.variant.startswith("H")
+  return config
+
+
+def get_config(arg: str = "b16") -> ml_collections.ConfigDict:
+  config = pretraining_config(arg)
+  config.dataset = "imagenet2012"
+  config.train_split = "train"
+  config.eval_split = "validation"
+  # Table 4 (B and L on ImageNet): RandAugment 15, mixup 0.5, stochastic depth 0.1, 300 epochs.
+  config.pp_train = ("decode_jpeg_and_inception_crop(224)|flip_lr|randaugment(2, 15)|value_range(-1, 1)")
+  config.mixup = 0.5
+  config.model.stoch_depth = 0.1
+  config.lr = 1e-3
+  config.weight_decay = 0.1
+  config.total_epochs = 300.0
+  return config
