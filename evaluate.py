@@ -5,11 +5,11 @@
 """
 
 import json
-import os
 
 import jax
 import ml_collections
 from absl import app, flags
+from etils import epath
 
 from mixer import cli
 
@@ -19,11 +19,10 @@ FLAGS = flags.FLAGS
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def main(argv):
@@ -42,8 +41,7 @@ def main(argv):
                                input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split))
   results = {"dataset": config.dataset, "split": split, "step": step, **results}
   if jax.process_index() == 0:
-    with open(os.path.join(FLAGS.workdir, f"eval_{split.replace(':', '_')}.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    (epath.Path(FLAGS.workdir) / f"eval_{split.replace(':', '_')}.json").write_text(json.dumps(results, indent=2))
   print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
         f"{results['top1']:.4f}")
 

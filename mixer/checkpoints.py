@@ -1,10 +1,10 @@
 """Orbax checkpoints of the train state under <workdir>/checkpoints: periodic, async, keep last K."""
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -12,7 +12,10 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=1, max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  directory = epath.Path(workdir) / "checkpoints"
+  if "://" not in str(workdir):  # gs:// and the like are absolute already.
+    directory = directory.absolute()
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def abstract(tree: Any) -> Any:

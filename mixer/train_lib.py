@@ -1,6 +1,5 @@
 """Train state, jitted train/eval steps over a device mesh, and the training loop."""
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from mixer import checkpoints, input_pipeline, models, optim, preprocess, sharding
 
@@ -185,14 +185,13 @@ def setup(config) -> Setup:
 def save_config(config, workdir: str) -> None:
   """Keeps the run's config beside its checkpoints, so that evaluate.py needs only the workdir."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history."""
   s = setup(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local paths and gs:// alike.
   save_config(config, workdir)
   num_steps = total_steps(config, s.info)
   schedule = optim.create_schedule(config, num_steps)
@@ -273,5 +272,5 @@ def load_params(config, workdir: str, s: Setup):
   step, state = checkpoints.restore_latest(manager, abstract_state)
   manager.close()
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   return step, state.params
