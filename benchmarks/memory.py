@@ -30,7 +30,7 @@ def parse_args(argv=None):
                       help="replicated, fsdp, tensor, fsdp_tensor or rules; default: the config's")
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                       help="default: the config's")
-  parser.add_argument("--grad_accum_steps", type=int, default=1)
+  parser.add_argument("--grad_accum_steps", type=int, default=None, help="default: the config's")
   parser.add_argument("--resolution", type=int, default=224)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--config", default="mixer_imagenet21k", help="a configs/ module taking a variant arg")
@@ -49,7 +49,8 @@ def measure(args, variant: str) -> dict:
 
   config = importlib.import_module(f"configs.{args.config}").get_config(variant.replace("/", "").lower())
   config.batch_size = args.batch
-  config.grad_accum_steps = args.grad_accum_steps
+  if args.grad_accum_steps is not None:
+    config.grad_accum_steps = args.grad_accum_steps
   config.model.dtype = args.dtype
   config.mesh = {"data": -1, "model": args.model_axis}
   if args.param_sharding is not None:
@@ -78,6 +79,7 @@ def measure(args, variant: str) -> dict:
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
   return {"variant": variant, "params_m": round(params / 1e6, 1), "batch": args.batch, "devices": args.devices,
           "mesh": dict(mesh.shape), "param_sharding": config.param_sharding, "remat": bool(config.model.remat),
+          "grad_accum_steps": config.grad_accum_steps,
           "dtype": args.dtype, "arguments_gib": mem.argument_size_in_bytes / GIB,
           "temp_gib": mem.temp_size_in_bytes / GIB, "peak_gib": peak / GIB,
           "fits_16gib": peak < 16 * GIB, "fits_80gib": peak < 80 * GIB, "compile_s": round(compile_s, 1)}
@@ -90,12 +92,13 @@ def main(argv=None):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   rows = [measure(args, v.strip()) for v in args.variants.split(",")]
-  header = f"{'variant':8} {'params':>8} {'sharding':>12} {'remat':>5} {'args GiB':>9} {'temp GiB':>9} " \
-           f"{'peak GiB':>9} {'16GB':>5} {'80GB':>5} {'compile s':>9}"
+  header = f"{'variant':8} {'params':>8} {'sharding':>12} {'remat':>5} {'accum':>5} {'args GiB':>9} " \
+           f"{'temp GiB':>9} {'peak GiB':>9} {'16GB':>5} {'80GB':>5} {'compile s':>9}"
   print(f"global batch {args.batch} on {args.devices} devices, {args.resolution}px, {args.dtype}")
   print(header)
   for r in rows:
     print(f"{r['variant']:8} {r['params_m']:>7}M {r['param_sharding']:>12} {str(r['remat']):>5} "
+          f"{r['grad_accum_steps']:>5} "
           f"{r['arguments_gib']:9.2f} {r['temp_gib']:9.2f} {r['peak_gib']:9.2f} "
           f"{'yes' if r['fits_16gib'] else 'NO':>5} {'yes' if r['fits_80gib'] else 'NO':>5} {r['compile_s']:9.1f}")
   print(json.dumps(rows))

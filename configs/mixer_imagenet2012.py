@@ -36,9 +36,12 @@ def pretraining_config(arg: str) -> ml_collections.ConfigDict:
   config.sync_every_steps = 50  # accelerators do not have XLA:CPU's in-flight limit.
   config.eval_every_steps = 5_000
   config.checkpoint_every_steps = 1_000
-  # Memory: measured with benchmarks/memory.py (README); H/14 needs FSDP and remat on 16 GB devices.
-  config.param_sharding = "fsdp" if config.model.variant.startswith(("L", "H")) else "replicated"
-  config.model.remat = config.model.variant.startswith("H")
+  # Memory, from benchmarks/memory.py at batch 4096 on 256 devices (README): L and H shard parameters and
+  # optimizer state (FSDP); H/14 also takes 2 micro-batches to stay under 16 GB per TPU v3 core.
+  size = config.model.variant[0]
+  config.param_sharding = "fsdp" if size in "LH" else "replicated"
+  config.model.remat = size == "H"
+  config.grad_accum_steps = 2 if size == "H" else 1
   return config
 
 
