@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = "train"
   config.train_percent = 100  # train on the first N% of train_split (the paper's 3/10/30/100% study).
   config.eval_split = "test"
+  config.label_subset = ""  # keep only these classes, relabelled from 0: "5-9" or "0,2,4"; "" keeps all.
   config.label_key = "label"  # a ClassLabel, or a Sequence of them (multi-label, JFT-style).
   config.max_labels = 16  # multi-label only: labels kept per image.
   config.num_classes = config_dict.placeholder(int)  # None: read from the dataset's info.
@@ -35,8 +36,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stoch_depth = 0.0
   config.model.gelu_approximate = True  # tanh gelu, as the released checkpoints.
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
+  config.model.tokens_mlp_dim = config_dict.placeholder(int)  # None: the variant's D_S (Table 1).
   config.model.remat = False  # recompute block activations in the backward pass: less memory.
   config.model.scan_blocks = False  # nn.scan over blocks: faster compiles for deep models.
+
+  # Initialisation from pre-trained parameters (fine-tuning); used when the workdir has no checkpoint.
+  config.init = ml_collections.ConfigDict()
+  config.init.checkpoint = config_dict.placeholder(str)  # a released .npz, or a workdir of ours.
+  config.init.new_head = True  # a zero-initialised head for this dataset's classes.
+  # A different token grid (resolution): "block_diagonal" (integer ratio K, paper App. C).
+  config.init.token_mixing = "block_diagonal"
 
   config.loss = "softmax_xent"  # or "sigmoid_xent" (the paper's choice for large label spaces).
   config.mixup = 0.0  # mixup's Beta(p, p) parameter; 0 turns it off (paper: 0.2-0.5 on ImageNet).

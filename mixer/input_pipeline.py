@@ -25,6 +25,21 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  min_local_train_examples: int  # the fewest train examples any process reads: sets steps per epoch.
+
+
+def label_subset(config) -> list[int] | None:
+  """config.label_subset ("5-9" or "0,2,4"; "" for all) as the kept class ids, in new-label order."""
+  spec = config.label_subset.strip()
+  if not spec:
+    return None
+  try:
+    if "-" in spec:
+      first, last = (int(x) for x in spec.split("-"))
+      return list(range(first, last + 1))
+    return [int(x) for x in spec.split(",")]
+  except ValueError:
+    raise ValueError(f"config.label_subset={config.label_subset!r} is not FIRST-LAST or a,b,c") from None
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
@@ -79,9 +94,42 @@ def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
     except (KeyError, ValueError) as e:
       raise ValueError(f"config.{key}={config[key]!r} is not a split of {config.dataset!r} "
                        f"({', '.join(builder.info.splits)}): {e}") from None
-  return DatasetInfo(num_classes=_label_feature(config, builder)[0].num_classes,
-                     num_train_examples=builder.info.splits[splits["train_split"]].num_examples,
-                     num_eval_examples=builder.info.splits[config.eval_split].num_examples)
+  subset = label_subset(config)
+  num_classes = _label_feature(config, builder)[0].num_classes
+  if subset is not None:
+    if is_multilabel(config, builder) or not all(0 <= c < num_classes for c in subset):
+      raise ValueError(f"config.label_subset={config.label_subset!r} needs single labels in 0..{num_classes - 1}")
+    num_classes = len(subset)
+  train_counts = local_counts(config, builder, splits["train_split"])
+  return DatasetInfo(num_classes=num_classes, num_train_examples=sum(train_counts),
+                     num_eval_examples=sum(local_counts(config, builder, config.eval_split)),
+                     min_local_train_examples=min(train_counts))
+
+
+def local_counts(config, builder, split: str) -> list[int]:
+  """How many examples of `split` each process reads (after config.label_subset)."""
+  count = jax.process_count()
+  subset = label_subset(config)
+  if subset is None:  # tfds's even split: the first n % count processes read one more.
+    n = builder.info.splits[split].num_examples
+    return [n // count + (i < n % count) for i in range(count)]
+  counts = []
+  for i in range(count):  # counted by reading the labels: meant for small datasets.
+    ds = _filter(config, _read(builder, split, process=(i, count)), subset)
+    counts.append(int(ds.reduce(0, lambda n, _: n + 1)))
+  return counts
+
+
+def _filter(config, ds: tf.data.Dataset, subset) -> tf.data.Dataset:
+  """Keeps the examples of config.label_subset's classes, relabelled 0..len(subset)-1."""
+  if subset is None:
+    return ds
+  kept = tf.constant(subset, tf.int64)
+
+  def relabel(example):
+    return {**example, config.label_key: tf.argmax(tf.cast(tf.equal(kept, example[config.label_key]), tf.int32),
+                                                   output_type=tf.int64)}
+  return ds.filter(lambda ex: tf.reduce_any(tf.equal(kept, ex[config.label_key]))).map(relabel)
 
 
 def _labels(config, multilabel: bool):
@@ -102,9 +150,10 @@ def image_shape(config, builder) -> tuple[int, ...]:
   return tuple(pp({"image": example["image"]})["image"].shape)
 
 
-def _read(builder, split: str, shuffle_seed=None, autocache: bool = True) -> tf.data.Dataset:
+def _read(builder, split: str, shuffle_seed=None, autocache: bool = True, process=None) -> tf.data.Dataset:
   """This process's share of `split`, images left encoded so that crops can decode less."""
-  local_split = tfds.split_for_jax_process(split)
+  index, count = process or (jax.process_index(), jax.process_count())
+  local_split = tfds.split_for_jax_process(split, process_index=index, process_count=count)
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
                                 try_autocache=autocache)
   return builder.as_dataset(split=local_split, shuffle_files=shuffle_seed is not None,
@@ -121,8 +170,7 @@ def _options() -> tf.data.Options:
 
 def steps_per_epoch(config, info: DatasetInfo) -> int:
   """Full global batches per epoch; every process takes the same count (the tail is dropped)."""
-  local_examples = info.num_train_examples // jax.process_count()
-  return local_examples // local_batch_size(config.batch_size)
+  return info.min_local_train_examples // local_batch_size(config.batch_size)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -133,7 +181,7 @@ def _train_epoch(config, builder, epoch: int, skip_batches: int) -> tf.data.Data
   batch = local_batch_size(config.batch_size)
   seed = [config.seed, epoch]
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
-  ds = _read(builder, train_split(config), shuffle_seed=epoch_seed)
+  ds = _filter(config, _read(builder, train_split(config), shuffle_seed=epoch_seed), label_subset(config))
   ds = ds.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
   ds = ds.enumerate().skip(skip_batches * batch)
   pp = preprocess.get_preprocess_fn(config.pp_train)
@@ -173,19 +221,18 @@ def eval_iterator(config, builder, info: DatasetInfo, mesh, split=None) -> Itera
   Processes may hold a different number of examples, so each pads to the same number of batches.
   """
   split = split or config.eval_split
-  num_examples = builder.info.splits[split].num_examples
-  if num_examples < jax.process_count():
-    raise ValueError(f"split {split!r} has {num_examples} examples, fewer than the "
-                     f"{jax.process_count()} processes")
   batch = local_batch_size(config.eval_batch_size)
-  num_batches = math.ceil(math.ceil(num_examples / jax.process_count()) / batch)
+  counts = local_counts(config, builder, split)
+  if min(counts) == 0:
+    raise ValueError(f"split {split!r} has too few examples ({sum(counts)}) for {len(counts)} processes")
+  num_batches = math.ceil(max(counts) / batch)
   pp = preprocess.get_preprocess_fn(config.pp_eval)
   labels = _labels(config, is_multilabel(config, builder))
 
   def prepare(example):
     return {"image": pp({"image": example["image"]})["image"], "label": labels(example), "mask": tf.constant(1.0)}
 
-  ds = _read(builder, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _filter(config, _read(builder, split), label_subset(config)).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
   def local_batches():

@@ -140,10 +140,13 @@ def create_model(model_config, num_classes: int | None) -> MlpMixer:
   for key in ("dropout_rate", "stoch_depth"):
     if not 0.0 <= model_config[key] < 1.0:
       raise ValueError(f"config.model.{key}={model_config[key]} is not in [0, 1)")
+  dims = variant_kwargs(model_config.variant)
+  if model_config.get("tokens_mlp_dim"):  # e.g. K^2 D_S after block-diagonal resolution growth.
+    dims["tokens_mlp_dim"] = model_config.tokens_mlp_dim
   return MlpMixer(num_classes=num_classes, dropout_rate=model_config.dropout_rate,
                   stoch_depth=model_config.stoch_depth, gelu_approximate=model_config.gelu_approximate,
                   dtype=dtypes[model_config.dtype], remat=model_config.remat,
-                  scan_blocks=model_config.scan_blocks, **variant_kwargs(model_config.variant))
+                  scan_blocks=model_config.scan_blocks, **dims)
 
 
 def stack_blocks(params: dict) -> dict:

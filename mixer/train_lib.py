@@ -1,5 +1,6 @@
 """Train state, jitted train/eval steps over a device mesh, and the training loop."""
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -182,6 +183,43 @@ def setup(config) -> Setup:
   return Setup(mesh, builder, info, model, num_classes, input_pipeline.image_shape(config, builder))
 
 
+def prepare_pretrained(config, s: Setup) -> tuple[Setup, dict | None]:
+  """Loads config.init.checkpoint, adapted to this model's token grid (paper App. C).
+
+  A K times larger grid widens token mixing to K^2 D_S hidden units: the model is rebuilt and
+  config.model.tokens_mlp_dim records the width, so config.json describes the fine-tuned model.
+  """
+  if not config.init.checkpoint:
+    return s, None
+  pretrained = checkpoints.load_pretrained(config.init.checkpoint)
+  grid = (s.image_shape[0] // s.model.patch_size, s.image_shape[1] // s.model.patch_size)
+  block = pretrained.get("MixerBlock_0", {}).get("token_mixing", {}).get("Dense_0", {})
+  old_tokens = np.shape(block.get("kernel", np.zeros((grid[0] * grid[1], 0))))[0]
+  if old_tokens != grid[0] * grid[1]:
+    if config.init.token_mixing != "block_diagonal":
+      raise ValueError(f"config.init.token_mixing={config.init.token_mixing!r} is not one of block_diagonal")
+    side = math.isqrt(old_tokens)
+    if side * side != old_tokens:
+      raise ValueError(f"{config.init.checkpoint}: {old_tokens} pre-trained tokens are not a square grid")
+    pretrained = checkpoints.block_diagonal_token_mixing(pretrained, (side, side), grid)
+    config.model.tokens_mlp_dim = pretrained["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[1]
+    logging.info("Token grid %dx%d -> %dx%d: block-diagonal token mixing, %d hidden units", side, side, *grid,
+                 config.model.tokens_mlp_dim)
+    s = s.replace(model=models.create_model(config.model, s.num_classes))
+  return s, pretrained
+
+
+def init_from_pretrained(pretrained: dict, fresh: dict, model: models.MlpMixer, new_head: bool, source: str):
+  """The pre-trained params, with this model's fresh zero-initialised head when new_head; checked."""
+  params = {k: v for k, v in pretrained.items() if k != "head" or not new_head}
+  if new_head and "head" in fresh:
+    params["head"] = jax.device_get(fresh["head"])
+  if model.scan_blocks:
+    params = models.stack_blocks(params)
+  checkpoints.check_params(params, fresh, source)
+  return params
+
+
 def save_config(config, workdir: str) -> None:
   """Keeps the run's config beside its checkpoints, so that evaluate.py needs only the workdir."""
   if jax.process_index() == 0:
@@ -190,7 +228,7 @@ def save_config(config, workdir: str) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history."""
-  s = setup(config)
+  s, pretrained = prepare_pretrained(config, setup(config))
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local paths and gs:// alike.
   save_config(config, workdir)
   num_steps = total_steps(config, s.info)
@@ -207,6 +245,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if restored is not None:
     state = restored
     logging.info("Restored checkpoint from step %d in %s", restored_step, manager.directory)
+  elif pretrained is not None:
+    params = init_from_pretrained(pretrained, state.params, s.model, config.init.new_head, config.init.checkpoint)
+    state = state.replace(params=jax.device_put(params, state_sharding.params))
+    logging.info("Initialised from %s (new head: %s)", config.init.checkpoint, config.init.new_head)
   start_step = int(state.step)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
