@@ -1,7 +1,11 @@
-"""Evaluates the newest checkpoint in a workdir: top-1 over a whole split of the config's dataset.
+"""Evaluates a checkpoint: top-1 over a whole split of the config's dataset, and/or few-shot accuracy.
 
-  python evaluate.py --workdir /tmp/w                 # the run's own config (workdir/config.json)
-  python evaluate.py --workdir /tmp/w --split train
+  python evaluate.py --workdir /tmp/w                      # the run's own config (workdir/config.json)
+  python evaluate.py --workdir /tmp/w --fewshot            # + few-shot on config.fewshot.datasets
+  python evaluate.py --workdir /tmp/w --split train --notop1 --fewshot
+  python evaluate.py --checkpoint imagenet21k_Mixer-B_16.npz --config configs/mixer_b16_imagenet21k.py \
+      --fewshot --notop1 --workdir /tmp/eval                # a released .npz: --config gives model and data
+Results are printed and written as JSON into the workdir.
 """
 
 import json
@@ -10,19 +14,42 @@ import jax
 import ml_collections
 from absl import app, flags
 from etils import epath
+from ml_collections import config_flags
 
 from mixer import cli
 
-flags.DEFINE_string("workdir", "workdir", "A training workdir: config.json and checkpoints/.")
-flags.DEFINE_string("split", None, "tfds split to evaluate; default: the config's eval_split.")
+flags.DEFINE_string("workdir", "workdir", "A training workdir (config.json and checkpoints/); results go here.")
+flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) to evaluate instead of the "
+                    "workdir's newest checkpoint; needs --config unless the workdir has config.json.")
+config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's config.json.")
+flags.DEFINE_string("split", None, "tfds split for top-1; default: the config's eval_split.")
+flags.DEFINE_bool("top1", True, "Top-1 over the whole split.")
+flags.DEFINE_bool("fewshot", False, "Few-shot linear regression on config.fewshot.datasets.")
+flags.DEFINE_bool("random_init", False, "Evaluate the config's model at initialisation (a baseline), not a checkpoint.")
 FLAGS = flags.FLAGS
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote "
+                            f"(or pass --config)")
+  # The defaults first, so that a workdir written before a field existed still evaluates.
+  from configs import default
+  config = default.get_config()
+  _update(config, json.loads(path.read_text()))
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _update(config[key], value)
+    elif isinstance(value, dict):
+      config[key] = ml_collections.ConfigDict(value)
+    else:
+      with config.ignore_type():
+        config[key] = value
 
 
 def main(argv):
@@ -30,20 +57,38 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import input_pipeline, train_lib
-  config = load_config(FLAGS.workdir)
-  split = FLAGS.split or config.eval_split
+  from mixer import checkpoints, fewshot, input_pipeline, train_lib
+  config = FLAGS.config or load_config(FLAGS.workdir)
   s = train_lib.setup(config)
-  step, params = train_lib.load_params(config, FLAGS.workdir, s)
-  eval_step = train_lib.make_eval_step(config, s.model, s.num_classes,
-                                       jax.tree.map(lambda x: x.sharding, params), s.mesh)
-  results = train_lib.evaluate(eval_step, params,
-                               input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split))
-  results = {"dataset": config.dataset, "split": split, "step": step, **results}
+  if FLAGS.random_init:
+    params = s.model.init(jax.random.key(config.seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
+    params, step = jax.device_put(params, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())), "init"
+  elif FLAGS.checkpoint:
+    fresh = s.model.init(jax.random.key(0), jax.numpy.zeros((1,) + s.image_shape))["params"]
+    params = train_lib.init_from_pretrained(checkpoints.load_pretrained(FLAGS.checkpoint), fresh, s.model,
+                                            new_head=not FLAGS.top1, source=FLAGS.checkpoint)
+    params, step = jax.device_put(params, jax.tree.map(lambda x: x.sharding, fresh)), FLAGS.checkpoint
+  else:
+    step, params = train_lib.load_params(config, FLAGS.workdir, s)
+  params_sharding = jax.tree.map(lambda x: x.sharding, params)
+  results = {"dataset": config.dataset, "step": step}
+  if FLAGS.top1:
+    split = FLAGS.split or config.eval_split
+    eval_step = train_lib.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
+    results.update(split=split, **train_lib.evaluate(
+        eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split)))
+    print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
+          f"{results['top1']:.4f}")
+  if FLAGS.fewshot:
+    few = fewshot.run(config.fewshot, s.model, params, params_sharding, s.mesh, config.data_dir, progress=True)
+    results["fewshot"] = few
+    print(f"Few-shot linear regression top-1 (%), mean of {config.fewshot.seeds} seeds, step {step}:")
+    print(fewshot.table(few))
   if jax.process_index() == 0:
-    (epath.Path(FLAGS.workdir) / f"eval_{split.replace(':', '_')}.json").write_text(json.dumps(results, indent=2))
-  print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
-        f"{results['top1']:.4f}")
+    name = "eval" + (f"_{results['split'].replace(':', '_')}" if FLAGS.top1 else "")
+    name += ("_fewshot" if FLAGS.fewshot else "") + ("_random_init" if FLAGS.random_init else "")
+    epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(FLAGS.workdir) / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter layout: replicated (data parallel), fsdp, tensor, fsdp_tensor, or "embed=data,mlp=model".
   config.param_sharding = "replicated"
 
+  # Few-shot linear regression on frozen features (paper Sec. 3; ViT paper Sec. 4.1).
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.datasets = {"digits": ("digits", "train", "test")}  # name: (tfds name, train, test split)
+  config.fewshot.shots = (1, 5, 10, 25)
+  config.fewshot.seeds = 3  # support sets drawn per shot count; results are their mean.
+  config.fewshot.l2_reg = 2.0**10  # as big_vision's few-shot evaluator.
+  config.fewshot.pp = "decode(channels=1)|resize(16)|value_range(-1, 1)"
+  config.fewshot.batch_size = 256
+  config.fewshot.every_steps = 0  # during training too, every N steps (0: only with evaluate.py --fewshot).
+
   config.log_every_steps = 10
   # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.
   config.sync_every_steps = 16

@@ -32,6 +32,15 @@ def pretraining_config(arg: str) -> ml_collections.ConfigDict:
   config.warmup_steps = 10_000
   config.grad_clip_norm = 1.0  # Sec. 3: global norm 1.
   config.pp_eval = "decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"
+  # The paper's few-shot datasets (its Avg5 tasks), at the pre-training resolution; during pre-training
+  # only ImageNet 5-shot, the paper's curve (Fig. 3 right, Fig. 4).
+  config.fewshot.datasets = {"imagenet2012": ("imagenet2012", "train", "validation"),
+                             "cifar10": ("cifar10", "train", "test"), "cifar100": ("cifar100", "train", "test"),
+                             "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
+                             "oxford_flowers102": ("oxford_flowers102", "train", "test")}
+  config.fewshot.pp = "decode(channels=3)|resize(224)|value_range(-1, 1)"
+  config.fewshot.batch_size = 1024
+  config.fewshot.every_steps = 0
   config.log_every_steps = 50
   config.sync_every_steps = 50  # accelerators do not have XLA:CPU's in-flight limit.
   config.eval_every_steps = 5_000

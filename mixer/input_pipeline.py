@@ -268,3 +268,49 @@ def _to_device(local_batches: Iterator[dict], mesh, depth: int) -> Iterator[Batc
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def read_labels(builder, split: str, label_key: str = "label") -> np.ndarray:
+  """Every label of `split`, in its stored order (images are read, not decoded)."""
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda example: example[label_key], num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
+  return np.concatenate(list(ds.as_numpy_iterator()))
+
+
+def selection_iterator(builder, split: str, indices: np.ndarray | None, pp_spec: str, global_batch_size: int,
+                       mesh, label_key: str = "label") -> Iterator[Batch]:
+  """The examples of `split` at `indices` (positions in the stored order; None: all), each exactly once.
+
+  Every process reads the split and keeps every process_count-th selected example; batches carry the
+  example's "index" and a "mask" (0 on padding), so features can be matched to their examples.
+  """
+  count, me = jax.process_count(), jax.process_index()
+  total = builder.info.splits[split].num_examples
+  selected = np.arange(total) if indices is None else np.unique(indices)
+  batch = local_batch_size(global_batch_size)
+  num_batches = max(1, math.ceil(math.ceil(len(selected) / count) / batch))
+  pp = preprocess.get_preprocess_fn(pp_spec)
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.enumerate()
+  if indices is not None:
+    wanted = np.zeros(total, bool)
+    wanted[selected] = True
+    wanted = tf.constant(wanted)
+    ds = ds.filter(lambda i, _: tf.gather(wanted, i))
+  ds = ds.shard(count, me)
+
+  def prepare(index, example):
+    return {"image": pp({"image": example["image"]})["image"], "label": tf.cast(example[label_key], tf.int32),
+            "index": tf.cast(index, tf.int32), "mask": tf.constant(1.0)}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
+
+  def local_batches():
+    produced, padding = 0, None
+    for local in ds.with_options(_options()).as_numpy_iterator():
+      padding = jax.tree.map(np.zeros_like, _pad(local, batch))
+      yield _pad(local, batch)
+      produced += 1
+    for _ in range(num_batches - produced):
+      yield padding
+  return _to_device(local_batches(), mesh, depth=2)

@@ -13,7 +13,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from mixer import checkpoints, input_pipeline, models, optim, preprocess, sharding
+from mixer import checkpoints, fewshot, input_pipeline, models, optim, preprocess, sharding
 
 
 @flax.struct.dataclass
@@ -260,7 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   rng = jax.random.key(config.seed + 1)
 
-  history = {"train": [], "eval": []}
+  history = {"train": [], "eval": [], "fewshot": []}
   pending = []
   for step in range(start_step + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -281,6 +281,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
       logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
       history["eval"].append({"step": step, **results})
+    if config.fewshot.every_steps and (step % config.fewshot.every_steps == 0 or step == num_steps):
+      results = fewshot.run(config.fewshot, s.model, state.params, state_sharding.params, s.mesh, config.data_dir)
+      writer.write_scalars(step, fewshot.scalars(results))
+      history["fewshot"].append({"step": step, **results["mean"]})
     if step % config.checkpoint_every_steps == 0 or step == num_steps:
       checkpoints.save(manager, step, state)
 

@@ -18,10 +18,11 @@ CONFIGS = [m for m in MODULES if hasattr(importlib.import_module(f"configs.{m}")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_validates(name):
   config = importlib.import_module(f"configs.{name}").get_config()
-  devices = 8 if name == "default" else 256
+  devices = 8 if config.dataset == "digits" else 256  # the embedded runs are sized for a CPU.
   train_lib.validate_config(config, num_devices=devices, num_processes=1)
   models.variant_kwargs(config.model.variant)
-  assert config.sync_every_steps <= 32 or name != "default"  # the CPU default must stay deadlock-free.
+  if config.dataset == "digits":  # CPU runs must stay clear of XLA:CPU's in-flight deadlock.
+    assert config.sync_every_steps <= 16
 
 
 def test_b16_imagenet_is_the_papers_recipe():

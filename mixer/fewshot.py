@@ -1,0 +1,142 @@
+"""The paper's few-shot evaluation: L2-regularised linear regression from frozen pre-logit features to
+labels (ViT paper Sec. 4.1; "5-shot linear" in the Mixer paper), solved in closed form on device.
+
+For each dataset, n shots and seed: n examples per class are sampled from the train split; features
+are standardised with that support set's mean and std, a constant bias column is appended, targets are
+2 * onehot - 1, W = (X^T X + l2 I)^-1 X^T Y, and the test split is classified by argmax.
+"""
+
+import functools
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mixer import input_pipeline
+
+
+def sample_support(labels: np.ndarray, shots: int, seed: int, num_classes: int) -> np.ndarray:
+  """Indices of exactly `shots` examples of every class, drawn without replacement under `seed`."""
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) < shots:
+      raise ValueError(f"class {c} has {len(members)} training examples, fewer than {shots} shots")
+    chosen.append(rng.choice(members, shots, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+def _standardiser(support):
+  mean, std = support.mean(0), support.std(0) + 1e-8
+  return lambda x: jnp.concatenate([(x - mean) / std, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def fit(support: jax.Array, support_labels: jax.Array, num_classes: int, l2_reg: float) -> jax.Array:
+  """W = (X^T X + l2 I)^-1 X^T Y for standardised features X with a bias column, Y = 2 onehot - 1."""
+  x = _standardiser(support)(support)
+  y = 2.0 * jax.nn.one_hot(support_labels, num_classes, dtype=x.dtype) - 1.0
+  return jnp.linalg.solve(x.T @ x + l2_reg * jnp.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _fit_and_score(support, support_labels, test, test_labels, num_classes, l2_reg):
+  w = fit(support, support_labels, num_classes, l2_reg)
+  predictions = jnp.argmax(_standardiser(support)(test) @ w, axis=1)
+  return jnp.mean(predictions == test_labels)
+
+
+def linear_regression_accuracy(support: np.ndarray, support_labels: np.ndarray, test: np.ndarray,
+                               test_labels: np.ndarray, num_classes: int, l2_reg: float) -> float:
+  """Top-1 on `test` of the closed-form ridge regression fitted on `support` (float32, on device)."""
+  return float(_fit_and_score(jnp.asarray(support, jnp.float32), jnp.asarray(support_labels),
+                              jnp.asarray(test, jnp.float32), jnp.asarray(test_labels), num_classes,
+                              jnp.float32(l2_reg)))
+
+
+def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None):
+  """(features, labels, indices) of every real example in `batches`, gathered from all processes."""
+  if progress:
+    from tqdm import tqdm
+    batches = tqdm(batches, desc=progress, leave=False, disable=jax.process_index() > 0)
+  outputs = []
+  for batch in batches:
+    outputs.append((features_fn(params, batch["image"]), batch["label"], batch["index"], batch["mask"]))
+  features, labels, indices, mask = (np.concatenate([np.asarray(multihost_utils.process_allgather(o[i], tiled=True))
+                                                     for o in outputs]) for i in range(4))
+  keep = mask > 0
+  order = np.argsort(indices[keep])
+  return features[keep][order], labels[keep][order], indices[keep][order]
+
+
+def make_features_fn(model, params_sharding, mesh):
+  """Jitted pre-logit features (after the head LayerNorm and mean pooling) over the whole mesh."""
+  from mixer import sharding
+  headless = model.clone(num_classes=None)
+
+  def features(params, images):
+    return headless.apply({"params": {k: v for k, v in params.items() if k != "head"}}, images, train=False)
+
+  return jax.jit(features, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
+
+
+def run(fewshot_config, model, params, params_sharding, mesh, data_dir=None, progress: bool = False) -> dict:
+  """Few-shot top-1 per dataset and shot count, averaged over seeds; per-seed values beside them.
+
+  Returns {dataset: {shots: mean accuracy}} under "mean", and {dataset: {shots: [per seed]}} under "seeds".
+  """
+  import tensorflow_datasets as tfds
+  features_fn = make_features_fn(model, params_sharding, mesh)
+  means, per_seed = {}, {}
+  for name, (tfds_name, train_split, test_split) in fewshot_config.datasets.items():
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    if not builder.is_prepared():
+      input_pipeline.get_builder(_dataset_config(tfds_name, data_dir))  # embedded ones prepare here.
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
+    num_classes = builder.info.features["label"].num_classes
+    labels = input_pipeline.read_labels(builder, train_split)
+    supports = {(shots, seed): sample_support(labels, shots, seed, num_classes)
+                for shots in fewshot_config.shots for seed in range(fewshot_config.seeds)}
+    needed = np.unique(np.concatenate(list(supports.values())))
+    pp = fewshot_config.pp
+    train = extract(features_fn, params, input_pipeline.selection_iterator(
+        builder, train_split, needed, pp, fewshot_config.batch_size, mesh),
+        progress=f"{name} {train_split} features" if progress else None)
+    test = extract(features_fn, params, input_pipeline.selection_iterator(
+        builder, test_split, None, pp, fewshot_config.batch_size, mesh),
+        progress=f"{name} {test_split} features" if progress else None)
+    position = {index: row for row, index in enumerate(train[2])}
+    means[name], per_seed[name] = {}, {}
+    for shots in fewshot_config.shots:
+      accuracies = []
+      for seed in range(fewshot_config.seeds):
+        rows = [position[i] for i in supports[(shots, seed)]]
+        accuracies.append(linear_regression_accuracy(train[0][rows], train[1][rows], test[0], test[1],
+                                                     num_classes, fewshot_config.l2_reg))
+      per_seed[name][shots] = accuracies
+      means[name][shots] = float(np.mean(accuracies))
+  return {"mean": means, "seeds": per_seed}
+
+
+def scalars(results: dict) -> dict[str, float]:
+  """{"fewshot/cifar10_5shot": accuracy, ...}: the metric-writer names of run()'s means."""
+  return {f"fewshot/{name}_{shots}shot": accuracy
+          for name, by_shots in results["mean"].items() for shots, accuracy in by_shots.items()}
+
+
+def table(results: dict) -> str:
+  """A text table: one row per dataset, one column per shot count (mean top-1 over seeds, in %)."""
+  shots = sorted({s for by_shots in results["mean"].values() for s in by_shots}, key=int)
+  lines = [f"{'dataset':20}" + "".join(f"{f'{s}-shot':>10}" for s in shots)]
+  for name, by_shots in results["mean"].items():
+    lines.append(f"{name:20}" + "".join(f"{100 * by_shots[s]:10.2f}" for s in shots))
+  return "\n".join(lines)
+
+
+def _dataset_config(tfds_name, data_dir):
+  import ml_collections
+  return ml_collections.ConfigDict({"dataset": tfds_name, "data_dir": data_dir})
