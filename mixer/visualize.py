@@ -1,0 +1,99 @@
+"""Pictures of a run: the token-mixing weights as patch-grid images (paper Fig. 5) and the few-shot and
+top-1 curves over training steps from the run's TensorBoard logs.
+
+  python -m mixer.visualize --workdir W --out fig.png
+"""
+
+import glob
+import math
+import os
+
+import numpy as np
+
+
+def weight_mosaic(kernel: np.ndarray, grid: tuple[int, int], units: int) -> np.ndarray:
+  """The first `units` hidden units of a token-mixing Dense_0 kernel [tokens, hidden], each shown as its
+  weights over the token grid, tiled into one image (NaN between tiles)."""
+  units = min(units, kernel.shape[1])
+  h, w = grid
+  cols = math.ceil(math.sqrt(units))
+  rows = math.ceil(units / cols)
+  mosaic = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)
+  for u in range(units):
+    r, c = divmod(u, cols)
+    mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = kernel[:, u].reshape(h, w)
+  return mosaic
+
+
+def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar the run's metric writers logged: {tag: [(step, value), ...]} sorted by step."""
+  import tensorflow as tf
+  series: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.HasField("tensor"):
+          array = tf.make_ndarray(value.tensor)
+          if array.size != 1 or array.dtype.kind not in "fiu":  # text, hparams: not scalars.
+            continue
+          number = float(array.reshape(()))
+        else:
+          number = value.simple_value
+        series.setdefault(value.tag, {})[event.step] = number
+  return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = sorted((k for k in params if k.startswith("MixerBlock_")), key=lambda k: int(k.split("_")[1]))[:blocks]
+  curves = {t: v for t, v in scalars.items() if t.startswith("fewshot/") or t == "eval/top1"}
+  fig, axes = plt.subplots(1, len(names) + (1 if curves else 0), figsize=(4.2 * (len(names) + bool(curves)), 4.4),
+                           squeeze=False)
+  for ax, name in zip(axes[0], names, strict=False):
+    kernel = np.asarray(params[name]["token_mixing"]["Dense_0"]["kernel"])
+    side = math.isqrt(kernel.shape[0])
+    mosaic = weight_mosaic(kernel, (side, kernel.shape[0] // side), units)
+    limit = np.nanmax(np.abs(mosaic))
+    ax.imshow(mosaic, cmap="coolwarm", vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_title(f"{name}: token-mixing units\n(first {min(units, kernel.shape[1])} of {kernel.shape[1]})",
+                 fontsize=9)
+    ax.axis("off")
+  if curves:
+    ax = axes[0][-1]
+    shots = lambda tag: int("".join(ch for ch in tag.rsplit("_", 1)[-1] if ch.isdigit()) or 0)
+    for tag, points in sorted(curves.items(), key=lambda item: (item[0].startswith("fewshot"), shots(item[0]))):
+      steps, values = zip(*points, strict=True)
+      ax.plot(steps, values, marker="o", markersize=3, label=tag.replace("fewshot/", "").replace("eval/", "test "))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    ax.set_title("few-shot linear regression and top-1", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+
+  from mixer import checkpoints
+  flags_ = flags.FLAGS
+  params = checkpoints.load_pretrained(flags_.workdir)
+  plot(params, read_scalars(flags_.workdir), flags_.out, flags_.blocks, flags_.units)
+  print(f"Wrote {flags_.out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "A training workdir (its newest checkpoint and TensorBoard logs).",
+                      required=True)
+  flags.DEFINE_string("out", "mixer.png", "The PNG to write.")
+  flags.DEFINE_integer("blocks", 3, "How many blocks' token-mixing weights to show (from the first).")
+  flags.DEFINE_integer("units", 64, "Hidden units per block.")
+  app.run(main)
