@@ -57,7 +57,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import checkpoints, fewshot, input_pipeline, train_lib
+  from mixer import checkpoints, fewshot, input_pipeline, steps, train_lib
   config = FLAGS.config or load_config(FLAGS.workdir)
   s = train_lib.setup(config)
   if FLAGS.random_init:
@@ -74,8 +74,8 @@ def main(argv):
   results = {"dataset": config.dataset, "step": step}
   if FLAGS.top1:
     split = FLAGS.split or config.eval_split
-    eval_step = train_lib.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
-    results.update(split=split, **train_lib.evaluate(
+    eval_step = steps.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
+    results.update(split=split, **steps.evaluate(
         eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split)))
     print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
           f"{results['top1']:.4f}")

@@ -44,7 +44,7 @@ def measure(args, variant: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from mixer import models, optim, train_lib
+  from mixer import models, optim, steps, train_lib
   from mixer import sharding as sharding_lib
 
   config = importlib.import_module(f"configs.{args.config}").get_config(variant.replace("/", "").lower())
@@ -64,13 +64,13 @@ def measure(args, variant: str) -> dict:
   schedule = optim.create_schedule(config, 100_000)
   tx = optim.create_optimizer(config, schedule)
   image_shape = (args.resolution, args.resolution, 3)
-  state_sharding = train_lib.state_sharding_for(model, tx, image_shape, mesh, config.param_sharding)
+  state_sharding = steps.state_sharding_for(model, tx, image_shape, mesh, config.param_sharding)
   abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(train_lib._init_fn(model, tx, image_shape, 0)), state_sharding)
+                                jax.eval_shape(steps.init_fn(model, tx, image_shape, 0)), state_sharding)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((args.batch,) + image_shape, jnp.float32, sharding=batch_sharding),
            "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding)}
-  step = train_lib.make_train_step(config, model, tx, schedule, num_classes, state_sharding, mesh)
+  step = steps.make_train_step(config, model, tx, schedule, num_classes, state_sharding, mesh)
   start = time.perf_counter()
   compiled = step.lower(abstract_state, batch, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start

@@ -1,5 +1,5 @@
-"""Image ops on tf tensors, composed by configs as a string like "decode|resize(16)|value_range(-1, 1)",
-and mixup, the one batch-level augmentation, which runs on device inside the train step.
+"""Image ops on tf tensors, composed by configs as a string like "decode|resize(16)|value_range(-1, 1)".
+(mixup, the one batch-level augmentation, runs on device inside the train step: mixer/steps.py.)
 
 Each op maps a features dict to a features dict. Random ops are stateless: they draw from the
 per-example seed in features["rng"] (set by the input pipeline), so a pipeline is deterministic
@@ -9,8 +9,6 @@ given the config seed, whatever tf.data's parallelism.
 import ast
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import tensorflow as tf
 
 from mixer import randaugment as randaugment_lib
@@ -162,14 +160,3 @@ def get_preprocess_fn(spec: str) -> Op:
     return features
   return fn
 
-
-def mixup(rng: jax.Array, images: jax.Array, targets: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
-  """Mixes each example with its neighbour in the batch (Zhang et al. 2018), as big_vision does.
-
-  One weight a ~ Beta(p, p), folded to a >= 1/2, for the whole batch; targets mix with the same
-  weight, so rows that summed to 1 still do.
-  """
-  a = jax.random.beta(rng, p, p)
-  a = jnp.maximum(a, 1.0 - a)
-  mix = lambda x: a.astype(x.dtype) * x + (1.0 - a).astype(x.dtype) * jnp.roll(x, 1, axis=0)
-  return mix(images), mix(targets)

@@ -1,38 +1,17 @@
-"""Train state, jitted train/eval steps over a device mesh, and the training loop."""
+"""The training loop: setup from a config, pre-trained initialisation, periodic eval, checkpoints."""
 
 import math
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from mixer import checkpoints, fewshot, input_pipeline, models, optim, preprocess, sharding
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return -jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1)
-
-
-def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Independent binary cross-entropies summed over classes (multi-label; paper Sec. 3)."""
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
-
-
-LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
+from mixer import checkpoints, fewshot, input_pipeline, models, optim, sharding, steps
 
 
 def validate_config(config, num_devices: int, num_processes: int) -> None:
@@ -45,8 +24,8 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} does not divide the per-device batch "
                      f"{config.batch_size // num_devices} (config.batch_size={config.batch_size})")
   sharding.parse_rules(config.param_sharding)
-  if config.loss not in LOSSES:
-    raise ValueError(f"config.loss={config.loss!r} is not one of {', '.join(LOSSES)}")
+  if config.loss not in steps.LOSSES:
+    raise ValueError(f"config.loss={config.loss!r} is not one of {', '.join(steps.LOSSES)}")
   models.variant_kwargs(config.model.variant)
   for key in ("log_every_steps", "sync_every_steps", "eval_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
@@ -60,106 +39,6 @@ def total_steps(config, info: input_pipeline.DatasetInfo) -> int:
   if config.total_epochs <= 0:
     raise ValueError("set config.total_steps or config.total_epochs to a positive value")
   return max(1, round(config.total_epochs * info.num_train_examples / config.batch_size))
-
-
-def _init_fn(model, tx, image_shape: tuple[int, ...], seed: int) -> Callable[[], TrainState]:
-  def init():
-    params = model.init(jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return init
-
-
-def state_sharding_for(model, tx, image_shape: tuple[int, ...], mesh, param_sharding: str):
-  """The sharding of every leaf of the train state: params and optimizer state alike follow the rules."""
-  shapes = jax.eval_shape(_init_fn(model, tx, image_shape, 0))
-  return sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
-
-
-def create_train_state(model, tx, image_shape: tuple[int, ...], mesh, seed: int, param_sharding: str = "replicated"):
-  """Initialises params and optimizer state directly in their sharding (never whole on one device)."""
-  state_sharding = state_sharding_for(model, tx, image_shape, mesh, param_sharding)
-  return jax.jit(_init_fn(model, tx, image_shape, seed), out_shardings=state_sharding)(), state_sharding
-
-
-def to_targets(labels: jax.Array, num_classes: int) -> jax.Array:
-  """Class indices [B] -> one-hot, or padded label lists [B, K] (-1 = none) -> multi-hot."""
-  if labels.ndim == 1:
-    return jax.nn.one_hot(labels, num_classes)
-  return jnp.minimum(jnp.sum(jax.nn.one_hot(labels, num_classes), axis=1), 1.0)
-
-
-def correct_at_1(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """1 where the top-scoring class is a true label (top-1, or precision@1 for multi-label)."""
-  return jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=1)[:, 0] > 0
-
-
-def make_train_step(config, model, tx, schedule, num_classes: int, state_sharding, mesh):
-  """(state, batch, rng) -> (state, metrics), jitted over the mesh with the state donated.
-
-  With config.grad_accum_steps = k, the batch is processed as k sequential micro-batches whose
-  gradients are averaged: the same update as one batch, with 1/k of the activation memory.
-  """
-  loss_fn, accum = LOSSES[config.loss], config.grad_accum_steps
-
-  def micro_step(params, images, targets, rng):
-    def loss_and_logits(params):
-      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-      return jnp.mean(loss_fn(logits, targets)), logits
-    (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
-    return grads, loss, jnp.mean(correct_at_1(logits, targets))
-
-  def train_step(state, batch, rng):
-    mixup_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    images, targets = batch["image"], to_targets(batch["label"], num_classes)
-    if config.mixup > 0:
-      images, targets = preprocess.mixup(mixup_rng, images, targets, config.mixup)
-    if accum == 1:
-      grads, loss, accuracy = micro_step(state.params, images, targets, dropout_rng)
-    else:
-      # [B, ...] -> [B/k, k, ...]: each device keeps its own rows, so micro-batches need no communication.
-      split = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
-
-      def body(carry, micro):
-        grads, loss, accuracy = micro_step(state.params, *micro[:2], jax.random.fold_in(dropout_rng, micro[2]))
-        return jax.tree.map(jnp.add, carry, (grads, loss, accuracy)), None
-
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0)
-      sums, _ = jax.lax.scan(body, zeros, (split(images), split(targets), jnp.arange(accum)))
-      grads, loss, accuracy = jax.tree.map(lambda x: x / accum, sums)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(state_sharding, data, repl),
-                 out_shardings=(state_sharding, repl), donate_argnums=0)
-
-
-def make_eval_step(config, model, num_classes: int, params_sharding, mesh):
-  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
-  loss_fn = LOSSES[config.loss]
-
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    targets, mask = to_targets(batch["label"], num_classes), batch["mask"]
-    return {"correct": jnp.sum(correct_at_1(logits, targets) * mask),
-            "loss": jnp.sum(loss_fn(logits, targets) * mask), "count": jnp.sum(mask)}
-
-  return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(eval_step, params, batches: Iterator) -> dict[str, float]:
-  """Top-1 and mean loss over every example the batches hold (padding masked out)."""
-  totals = None
-  for batch in batches:
-    sums = eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  return {"top1": float(totals["correct"] / totals["count"]), "loss": float(totals["loss"] / totals["count"]),
-          "num_examples": int(totals["count"])}
 
 
 @flax.struct.dataclass
@@ -234,7 +113,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   num_steps = total_steps(config, s.info)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
+  state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
                                              config.param_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %.2fM parameters; %d steps on a %s mesh", config.model.variant,
@@ -254,8 +133,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
-  train_step = make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
-  eval_step = make_eval_step(config, s.model, s.num_classes, state_sharding.params, s.mesh)
+  train_step = steps.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
+  eval_step = steps.make_eval_step(config, s.model, s.num_classes, state_sharding.params, s.mesh)
   batches = input_pipeline.train_iterator(config, s.builder, s.info, s.mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   rng = jax.random.key(config.seed + 1)
@@ -276,7 +155,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     elif step % config.sync_every_steps == 0:
       jax.block_until_ready(metrics)
     if step % config.eval_every_steps == 0 or step == num_steps:
-      results = evaluate(eval_step, state.params,
+      results = steps.evaluate(eval_step, state.params,
                          input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))
       writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
       logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
@@ -310,8 +189,8 @@ def _stack(metrics: list[dict]) -> dict:
 def load_params(config, workdir: str, s: Setup):
   """The params of the newest checkpoint in workdir, laid out (replicated) on the setup's mesh."""
   tx = optim.create_optimizer(config, optim.create_schedule(config, total_steps(config, s.info)))
-  init = _init_fn(s.model, tx, s.image_shape, 0)
-  shardings = state_sharding_for(s.model, tx, s.image_shape, s.mesh, config.param_sharding)
+  init = steps.init_fn(s.model, tx, s.image_shape, 0)
+  shardings = steps.state_sharding_for(s.model, tx, s.image_shape, s.mesh, config.param_sharding)
   abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                 jax.eval_shape(init), shardings)
   manager = checkpoints.create_manager(workdir, config)

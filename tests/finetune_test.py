@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from configs import finetune_digits
-from mixer import checkpoints, input_pipeline, train_lib
+from mixer import checkpoints, input_pipeline, steps, train_lib
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow
@@ -43,10 +43,10 @@ def _untuned_top1(config):
   s, pretrained = train_lib.prepare_pretrained(config, train_lib.setup(config))
   fresh = s.model.init(jax.random.key(0), jax.numpy.zeros((1,) + s.image_shape))["params"]
   params = train_lib.init_from_pretrained(pretrained, fresh, s.model, True, "test")
-  eval_step = train_lib.make_eval_step(config, s.model, s.num_classes, jax.tree.map(lambda x: x.sharding, fresh),
+  eval_step = steps.make_eval_step(config, s.model, s.num_classes, jax.tree.map(lambda x: x.sharding, fresh),
                                        s.mesh)
   batches = input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh)
-  return train_lib.evaluate(eval_step, jax.device_put(params), batches)["top1"]
+  return steps.evaluate(eval_step, jax.device_put(params), batches)["top1"]
 
 
 def test_finetune_from_our_workdir_beats_the_untuned_head(data_dir, pretrained, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mixer import preprocess, randaugment
+from mixer import preprocess, randaugment, steps
 
 
 def _jpeg(h=60, w=80, seed=0):
@@ -111,12 +111,12 @@ def test_randaugment_ops_do_what_they_say():
 def test_mixup_mixes_images_and_targets_with_one_weight():
   images = jax.random.normal(jax.random.key(0), (6, 4, 4, 3))
   targets = jax.nn.one_hot(jnp.arange(6) % 3, 3)
-  mixed, mixed_targets = preprocess.mixup(jax.random.key(1), images, targets, 0.5)
+  mixed, mixed_targets = steps.mixup(jax.random.key(1), images, targets, 0.5)
   np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)  # label sums stay 1.
   a = float(mixed_targets[1, 1])  # example 1 (class 1) mixed with example 0 (class 0).
   assert 0.5 <= a <= 1.0
   np.testing.assert_allclose(mixed, a * images + (1 - a) * jnp.roll(images, 1, axis=0), rtol=1e-5, atol=1e-6)
-  again, _ = preprocess.mixup(jax.random.key(1), images, targets, 0.5)
+  again, _ = steps.mixup(jax.random.key(1), images, targets, 0.5)
   np.testing.assert_array_equal(again, mixed)
-  other, _ = preprocess.mixup(jax.random.key(2), images, targets, 0.5)
+  other, _ = steps.mixup(jax.random.key(2), images, targets, 0.5)
   assert not np.allclose(other, mixed)

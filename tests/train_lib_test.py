@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer import input_pipeline, optim, train_lib
+from mixer import input_pipeline, optim, steps, train_lib
 from tests.conftest import run_python, small_config
 
 
@@ -17,9 +17,9 @@ def _step_fixture(config):
   s = train_lib.setup(config)
   schedule = optim.create_schedule(config, 100)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = train_lib.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
+  state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
                                                        config.param_sharding)
-  step = train_lib.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
+  step = steps.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
   batch = next(input_pipeline.train_iterator(config, s.builder, s.info, s.mesh))
   return state, step, batch
 
@@ -73,21 +73,21 @@ def test_mixup_and_stochastic_depth_train(data_dir):
 
 def test_multilabel_targets_and_precision_at_1():
   labels = jnp.array([[0, 2, -1], [1, -1, -1]])
-  targets = train_lib.to_targets(labels, 4)
+  targets = steps.to_targets(labels, 4)
   np.testing.assert_array_equal(targets, [[1, 0, 1, 0], [0, 1, 0, 0]])
   logits = jnp.array([[0.0, 5.0, 1.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
-  np.testing.assert_array_equal(train_lib.correct_at_1(logits, targets), [False, True])
-  np.testing.assert_array_equal(train_lib.to_targets(jnp.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
+  np.testing.assert_array_equal(steps.correct_at_1(logits, targets), [False, True])
+  np.testing.assert_array_equal(steps.to_targets(jnp.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
 
 
 def test_losses_match_their_definitions():
   logits = jnp.array([[2.0, -1.0, 0.5]])
   labels = jax.nn.one_hot(jnp.array([0]), 3)
   p = np.exp([2.0, -1.0, 0.5]) / np.exp([2.0, -1.0, 0.5]).sum()
-  np.testing.assert_allclose(train_lib.softmax_xent(logits, labels), [-np.log(p[0])], rtol=1e-6)
+  np.testing.assert_allclose(steps.softmax_xent(logits, labels), [-np.log(p[0])], rtol=1e-6)
   s = 1 / (1 + np.exp(-np.array([2.0, -1.0, 0.5])))
   expected = -(np.log(s[0]) + np.log(1 - s[1]) + np.log(1 - s[2]))
-  np.testing.assert_allclose(train_lib.sigmoid_xent(logits, labels), [expected], rtol=1e-6)
+  np.testing.assert_allclose(steps.sigmoid_xent(logits, labels), [expected], rtol=1e-6)
 
 
 def test_schedule_warms_up_then_decays_to_zero():

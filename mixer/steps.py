@@ -1,0 +1,145 @@
+"""The train state and the jitted train and eval steps over a device mesh, with mixup (on device).
+
+Nothing here reads data or imports TensorFlow: benchmarks and accelerator hosts use it alone.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mixer import sharding
+
+
+def mixup(rng: jax.Array, images: jax.Array, targets: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
+  """Mixes each example with its neighbour in the batch (Zhang et al. 2018), as big_vision does.
+
+  One weight a ~ Beta(p, p), folded to a >= 1/2, for the whole batch; targets mix with the same
+  weight, so rows that summed to 1 still do.
+  """
+  a = jax.random.beta(rng, p, p)
+  a = jnp.maximum(a, 1.0 - a)
+  mix = lambda x: a.astype(x.dtype) * x + (1.0 - a).astype(x.dtype) * jnp.roll(x, 1, axis=0)
+  return mix(images), mix(targets)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return -jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1)
+
+
+def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Independent binary cross-entropies summed over classes (multi-label; paper Sec. 3)."""
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
+
+
+LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
+
+
+def init_fn(model, tx, image_shape: tuple[int, ...], seed: int) -> Callable[[], TrainState]:
+  def init():
+    params = model.init(jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def state_sharding_for(model, tx, image_shape: tuple[int, ...], mesh, param_sharding: str):
+  """The sharding of every leaf of the train state: params and optimizer state alike follow the rules."""
+  shapes = jax.eval_shape(init_fn(model, tx, image_shape, 0))
+  return sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
+
+
+def create_train_state(model, tx, image_shape: tuple[int, ...], mesh, seed: int, param_sharding: str = "replicated"):
+  """Initialises params and optimizer state directly in their sharding (never whole on one device)."""
+  state_sharding = state_sharding_for(model, tx, image_shape, mesh, param_sharding)
+  return jax.jit(init_fn(model, tx, image_shape, seed), out_shardings=state_sharding)(), state_sharding
+
+
+def to_targets(labels: jax.Array, num_classes: int) -> jax.Array:
+  """Class indices [B] -> one-hot, or padded label lists [B, K] (-1 = none) -> multi-hot."""
+  if labels.ndim == 1:
+    return jax.nn.one_hot(labels, num_classes)
+  return jnp.minimum(jnp.sum(jax.nn.one_hot(labels, num_classes), axis=1), 1.0)
+
+
+def correct_at_1(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """1 where the top-scoring class is a true label (top-1, or precision@1 for multi-label)."""
+  return jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=1)[:, 0] > 0
+
+
+def make_train_step(config, model, tx, schedule, num_classes: int, state_sharding, mesh):
+  """(state, batch, rng) -> (state, metrics), jitted over the mesh with the state donated.
+
+  With config.grad_accum_steps = k, the batch is processed as k sequential micro-batches whose
+  gradients are averaged: the same update as one batch, with 1/k of the activation memory.
+  """
+  loss_fn, accum = LOSSES[config.loss], config.grad_accum_steps
+
+  def micro_step(params, images, targets, rng):
+    def loss_and_logits(params):
+      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+      return jnp.mean(loss_fn(logits, targets)), logits
+    (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
+    return grads, loss, jnp.mean(correct_at_1(logits, targets))
+
+  def train_step(state, batch, rng):
+    mixup_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    images, targets = batch["image"], to_targets(batch["label"], num_classes)
+    if config.mixup > 0:
+      images, targets = mixup(mixup_rng, images, targets, config.mixup)
+    if accum == 1:
+      grads, loss, accuracy = micro_step(state.params, images, targets, dropout_rng)
+    else:
+      # [B, ...] -> [B/k, k, ...]: each device keeps its own rows, so micro-batches need no communication.
+      split = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
+
+      def body(carry, micro):
+        grads, loss, accuracy = micro_step(state.params, *micro[:2], jax.random.fold_in(dropout_rng, micro[2]))
+        return jax.tree.map(jnp.add, carry, (grads, loss, accuracy)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0)
+      sums, _ = jax.lax.scan(body, zeros, (split(images), split(targets), jnp.arange(accum)))
+      grads, loss, accuracy = jax.tree.map(lambda x: x / accum, sums)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(state_sharding, data, repl),
+                 out_shardings=(state_sharding, repl), donate_argnums=0)
+
+
+def make_eval_step(config, model, num_classes: int, params_sharding, mesh):
+  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
+  loss_fn = LOSSES[config.loss]
+
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    targets, mask = to_targets(batch["label"], num_classes), batch["mask"]
+    return {"correct": jnp.sum(correct_at_1(logits, targets) * mask),
+            "loss": jnp.sum(loss_fn(logits, targets) * mask), "count": jnp.sum(mask)}
+
+  return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step, params, batches: Iterator) -> dict[str, float]:
+  """Top-1 and mean loss over every example the batches hold (padding masked out)."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  return {"top1": float(totals["correct"] / totals["count"]), "loss": float(totals["loss"] / totals["count"]),
+          "num_examples": int(totals["count"])}
