@@ -183,6 +183,7 @@ def measure_timm(args) -> dict:
     model = timm.models.mlp_mixer.MlpMixer(num_classes=args.num_classes, img_size=args.resolution,
                                            patch_size=k["patch_size"], num_blocks=k["num_blocks"],
                                            embed_dim=k["hidden_dim"])
+    name = f"MlpMixer(patch_size={k['patch_size']}, num_blocks={k['num_blocks']}, embed_dim={k['hidden_dim']})"
   model = model.to(device)
   images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
   labels = torch.randint(0, args.num_classes, (args.batch,), device=device)

@@ -23,3 +23,32 @@ def test_memory_benchmark_prints_a_table_and_json(tmp_path):
   full_state_gib = row["params_m"] * 1e6 * 4 * 3 / 2**30
   assert row["arguments_gib"] < 0.5 * full_state_gib
   assert row["peak_gib"] > row["arguments_gib"] > 0
+
+
+def test_throughput_benchmark_prints_ours_timm_and_the_ratio(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/throughput.py", "--variant", "Ti/4", "--resolution", "32",
+                        "--batch", "8", "--device", "cpu", "--steps", "2", "--repeats", "2",
+                        "--json", str(tmp_path / "t.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads((tmp_path / "t.json").read_text())
+  ours = result["ours"]
+  assert ours["train"]["images_per_s"] > 0 and ours["inference"]["images_per_s"] > ours["train"]["images_per_s"]
+  assert ours["train"]["step_ms_min"] <= ours["train"]["step_ms_median"] <= ours["train"]["step_ms_max"]
+  # The architecture's FLOPs agree with XLA's count of the compiled forward pass (CPU: no library calls).
+  assert ours["xla_flops_per_image_forward"] == pytest.approx(ours["flops_per_image_forward"], rel=0.1)
+  assert 0 < ours["mfu_train"] < 1.5 and ours["peak_tflops_measured"] > 0
+  if "error" not in result["timm"]:  # timm is a test requirement; without it the ratio is absent.
+    assert result["ratio_ours_over_timm"]["train"] > 0
+    assert result["timm"]["model"] == "MlpMixer(patch_size=4, num_blocks=4, embed_dim=128)"
+
+
+def test_input_pipeline_benchmark_reports_cores_to_feed(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", "--images", "8", "--seconds", "1",
+                        "--train_images_per_s", "1000", "--json", str(tmp_path / "p.json")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads((tmp_path / "p.json").read_text())
+  assert [r["pipeline"] for r in rows] == ["inception_crop+flip", "inception_crop+flip+randaugment"]
+  for r in rows:
+    assert r["images_per_s_1_core"] > 0
+    assert r["cores_to_feed"] == pytest.approx(1000 / r["images_per_s_1_core"])
