@@ -85,7 +85,8 @@ def measure_jax(args) -> dict:
   from mixer import models, optim, sharding, steps
 
   config = ml_collections.ConfigDict({
-      "loss": "softmax_xent", "mixup": 0.0, "grad_accum_steps": 1, "lr": 1e-3, "weight_decay": 0.1,
+      "loss": "softmax_xent", "mixup": 0.0, "grad_accum_steps": 1, "nan_policy": "stop",
+      "lr": 1e-3, "weight_decay": 0.1,
       "schedule": "linear", "warmup_steps": 10, "grad_clip_norm": 1.0,
       "optim": {"name": "adam", "b1": 0.9, "b2": 0.999, "momentum": 0.9},
       "model": {"variant": args.variant, "dropout_rate": 0.0, "stoch_depth": 0.0, "gelu_approximate": True,

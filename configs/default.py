@@ -81,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.fewshot.batch_size = 256
   config.fewshot.every_steps = 0  # during training too, every N steps (0: only with evaluate.py --fewshot).
 
+  # A non-finite loss or gradient: "stop" (raise, keeping the checkpoints from before it) or "skip" the update.
+  config.nan_policy = "stop"
+  # An image that does not decode: "fail" (with the dataset and split named) or "skip" (counted in the log).
+  config.bad_images = "fail"
+
   config.log_every_steps = 10
   # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.
   config.sync_every_steps = 16

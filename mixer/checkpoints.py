@@ -9,14 +9,18 @@ from etils import epath
 
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
-  # The training loop decides when to save (config.checkpoint_every_steps and the last step).
+  # The training loop decides when to save (config.checkpoint_every_steps, the last step, SIGTERM).
+  # Saves go to a temporary directory that is renamed when complete: a save killed half-way leaves
+  # the previous checkpoints intact, and the leftover is removed when the next run starts.
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=1, max_to_keep=config.keep_checkpoints,
-      enable_async_checkpointing=True, create=True)
+      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_directory(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _directory(workdir: str) -> epath.Path:
   directory = epath.Path(workdir) / "checkpoints"
-  if "://" not in str(workdir):  # gs:// and the like are absolute already.
-    directory = directory.absolute()
-  return ocp.CheckpointManager(directory, options=options)
+  return directory if "://" in str(workdir) else directory.absolute()  # gs:// and the like are absolute.
 
 
 def abstract(tree: Any) -> Any:
@@ -30,11 +34,28 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> bool:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[int | None, Any]:
-  """(step, state) of the newest checkpoint, or (None, None) when there is none."""
+  """(step, state) of the newest checkpoint, or (None, None) when there is none.
+
+  A checkpoint of another model or optimizer is an error that lists every differing array.
+  """
   step = manager.latest_step()
   if step is None:
     return None, None
+  metadata = manager.item_metadata(step)
+  check_shapes(path_shapes(getattr(metadata, "tree", metadata)), path_shapes(abstract_state),
+               f"checkpoint {manager.directory / str(step)}")
   return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def path_shapes(tree: Any) -> dict[str, tuple]:
+  """{"params/MixerBlock_0/token_mixing/Dense_0/kernel": shape, ...} for any tree of arrays or metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {"/".join(_key(k) for k in path): tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+          for path, leaf in leaves}
 
 
 # Pre-trained parameters: our orbax checkpoints and the released .npz files (flat keys joined by "/").
@@ -81,14 +102,15 @@ def load_orbax_params(path: str) -> tuple[int, dict]:
   """(step, params) of the newest checkpoint of a workdir (or of its checkpoints/ folder), as numpy."""
   path = epath.Path(path)
   directory = path / "checkpoints" if (path / "checkpoints").exists() else path
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no orbax checkpoint in {directory}")
   metadata = manager.item_metadata(step)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata,
-                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh it was saved from.
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        getattr(metadata, "tree", metadata), is_leaf=lambda m: hasattr(m, "shape"))
   state = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
   return step, jax.device_get(state["params"])
@@ -103,8 +125,10 @@ def load_pretrained(path: str) -> dict:
 
 def check_params(params: dict, expected: dict, source: str) -> None:
   """Raises one error that lists every missing, unexpected and mis-shaped parameter."""
-  got = {k: np.shape(v) for k, v in flatten(params).items()}
-  want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
+  check_shapes(path_shapes(params), path_shapes(expected), source)
+
+
+def check_shapes(got: dict[str, tuple], want: dict[str, tuple], source: str) -> None:
   problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - got.keys())]
   problems += [f"unexpected {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
   problems += [f"{k} has shape {got[k]}, the model needs {want[k]}" for k in sorted(want.keys() & got.keys())

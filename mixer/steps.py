@@ -111,8 +111,13 @@ def make_train_step(config, model, tx, schedule, num_classes: int, state_shardin
       grads, loss, accuracy = jax.tree.map(lambda x: x / accum, sums)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(state.step)}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if config.nan_policy == "skip":  # keep the old params and optimizer state for this batch.
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params, opt_state = jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step), "nonfinite": 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)

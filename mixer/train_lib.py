@@ -1,6 +1,8 @@
 """The training loop: setup from a config, pre-trained initialisation, periodic eval, checkpoints."""
 
 import math
+import signal
+import threading
 from typing import Any
 
 import flax
@@ -10,6 +12,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mixer import checkpoints, fewshot, input_pipeline, models, optim, sharding, steps
 
@@ -24,6 +27,8 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} does not divide the per-device batch "
                      f"{config.batch_size // num_devices} (config.batch_size={config.batch_size})")
   sharding.parse_rules(config.param_sharding)
+  if config.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"config.nan_policy={config.nan_policy!r} is not one of stop, skip")
   if config.loss not in steps.LOSSES:
     raise ValueError(f"config.loss={config.loss!r} is not one of {', '.join(steps.LOSSES)}")
   models.variant_kwargs(config.model.variant)
@@ -105,16 +110,68 @@ def save_config(config, workdir: str) -> None:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradients stopped being finite (config.nan_policy="stop")."""
+
+
+def _check_workdir(workdir: str) -> None:
+  """Fails at start, not at the first checkpoint, when the workdir cannot be written."""
+  try:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)  # local paths and gs:// alike.
+    probe = path / f".write_test_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable: {e}") from None
+
+
+class _Preemption:
+  """Turns SIGTERM (how clusters preempt) into a flag that the loop checks between steps."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+    logging.warning("Received signal %d: finishing this step, then checkpointing", signum)
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def requested(self, step: int, sync_point: bool) -> bool:
+    """Whether to stop after `step`; with several processes, all agree at the sync points only."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if not sync_point:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return bool(np.max(flags))
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history."""
+  """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history.
+
+  On SIGTERM it checkpoints the step it is in and returns early (history["preempted_at"]); on a
+  non-finite loss (config.nan_policy="stop") it raises NonFiniteLossError and keeps only checkpoints
+  from before that step.
+  """
   s, pretrained = prepare_pretrained(config, setup(config))
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local paths and gs:// alike.
+  _check_workdir(workdir)
   save_config(config, workdir)
   num_steps = total_steps(config, s.info)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
   state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
-                                             config.param_sharding)
+                                                   config.param_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %.2fM parameters; %d steps on a %s mesh", config.model.variant,
                num_params / 1e6, num_steps, dict(s.mesh.shape))
@@ -140,32 +197,61 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   rng = jax.random.key(config.seed + 1)
 
   history = {"train": [], "eval": [], "fewshot": []}
-  pending = []
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = train_step(state, next(batches), rng)
-    pending.append(metrics)
-    for hook in hooks:
-      hook(step)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      summary = {k: float(np.mean(v)) for k, v in jax.device_get(_stack(pending)).items()}
-      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-      history["train"].append({"step": step, **summary})
-      pending = []
-    elif step % config.sync_every_steps == 0:
-      jax.block_until_ready(metrics)
-    if step % config.eval_every_steps == 0 or step == num_steps:
-      results = steps.evaluate(eval_step, state.params,
-                         input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-      logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
-      history["eval"].append({"step": step, **results})
-    if config.fewshot.every_steps and (step % config.fewshot.every_steps == 0 or step == num_steps):
-      results = fewshot.run(config.fewshot, s.model, state.params, state_sharding.params, s.mesh, config.data_dir)
-      writer.write_scalars(step, fewshot.scalars(results))
-      history["fewshot"].append({"step": step, **results["mean"]})
-    if step % config.checkpoint_every_steps == 0 or step == num_steps:
-      checkpoints.save(manager, step, state)
+  pending = []  # (step, metrics) not yet fetched from the devices.
+
+  def flush_metrics() -> None:
+    """Fetches pending metrics (a host sync), logs their mean, and applies the non-finite guard."""
+    nonlocal pending
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, fetched, strict=True):
+      if m["nonfinite"] and config.nan_policy == "stop":
+        manager.wait_until_finished()  # checkpoints of earlier steps complete; none is written after.
+        raise NonFiniteLossError(
+            f"non-finite loss or gradients at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+            f"the newest checkpoint in {manager.directory} is from step {manager.latest_step()}. "
+            f"config.nan_policy='skip' skips such updates instead.")
+    last = pending[-1][0]
+    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    summary["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
+    writer.write_scalars(last, {f"train/{k}": v for k, v in summary.items()})
+    history["train"].append({"step": last, **summary})
+    pending = []
+
+  with _Preemption() as preemption:
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, next(batches), rng)
+      pending.append((step, metrics))
+      for hook in hooks:
+        hook(step)
+      sync_point = step % config.sync_every_steps == 0
+      if step % config.log_every_steps == 0 or step == num_steps:
+        flush_metrics()
+      elif sync_point:
+        jax.block_until_ready(metrics)
+      if step % config.eval_every_steps == 0 or step == num_steps:
+        results = steps.evaluate(eval_step, state.params,
+                                 input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
+        history["eval"].append({"step": step, **results})
+      if config.fewshot.every_steps and (step % config.fewshot.every_steps == 0 or step == num_steps):
+        results = fewshot.run(config.fewshot, s.model, state.params, state_sharding.params, s.mesh,
+                              config.data_dir)
+        writer.write_scalars(step, fewshot.scalars(results))
+        history["fewshot"].append({"step": step, **results["mean"]})
+      preempted = preemption.requested(step, sync_point or step % config.log_every_steps == 0)
+      if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
+        flush_metrics()  # never checkpoint a state that came from a non-finite step.
+        checkpoints.save(manager, step, state)
+      if preempted:
+        manager.wait_until_finished()
+        logging.warning("Preempted at step %d: checkpoint %s is complete; rerun the same command to resume.",
+                        step, manager.directory / str(step))
+        history["preempted_at"] = step
+        break
 
   manager.wait_until_finished()
   manager.close()
