@@ -4,6 +4,8 @@
   python train.py --config configs/mixer_b16_imagenet2012.py --workdir gs://... --config.lr=3e-3
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -13,6 +15,7 @@ flags.DEFINE_string("workdir", "workdir", "Checkpoints, TensorBoard logs and con
 config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Experiment config file.",
                                 lock_config=True)
 FLAGS = flags.FLAGS
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a killed process: schedulers treat the job as not done.
 
 
 def main(argv):
@@ -22,6 +25,10 @@ def main(argv):
   cli.initialize_distributed()
   from mixer import train_lib
   history = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if "preempted_at" in history:
+    print(f"Preempted: stopped at step {history['preempted_at']} with a complete checkpoint in "
+          f"{FLAGS.workdir}; rerun the same command to resume.")
+    sys.exit(PREEMPTED_EXIT_CODE)
   final = history["eval"][-1] if history["eval"] else None
   if final:
     logging.info("Final %s top-1: %.4f", FLAGS.config.eval_split, final["top1"])

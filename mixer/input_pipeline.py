@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from mixer import datasets, preprocess, sharding
 
@@ -192,10 +193,31 @@ def _train_epoch(config, builder, epoch: int, skip_batches: int) -> tf.data.Data
     rng = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), process), index)
     features = pp({"image": example["image"], "rng": rng})
-    return {"image": features["image"], "label": labels(example)}
+    return {"image": features["image"], "label": labels(example), "position": index}
 
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _bad_image_policy(config, ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE))
   return ds.batch(batch, drop_remainder=True).with_options(_options())
+
+
+def _bad_image_policy(config, ds: tf.data.Dataset) -> tf.data.Dataset:
+  if config.bad_images == "skip":
+    return ds.ignore_errors()
+  if config.bad_images != "fail":
+    raise ValueError(f"config.bad_images={config.bad_images!r} is not one of fail, skip")
+  return ds
+
+
+def _numpy_batches(config, ds: tf.data.Dataset, split: str) -> Iterator[dict]:
+  """ds's batches as numpy; an image that does not decode becomes an error naming the dataset."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      yield next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      raise ValueError(f"an image of {config.dataset}:{split} could not be read ({e.message.splitlines()[0]}); "
+                       f"--config.bad_images=skip skips such images and counts them in the log") from None
 
 
 def train_iterator(config, builder, info: DatasetInfo, mesh, start_step: int = 0) -> Iterator[Batch]:
@@ -205,11 +227,22 @@ def train_iterator(config, builder, info: DatasetInfo, mesh, start_step: int = 0
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
                      f"{info.num_train_examples} examples of {config.dataset}:{config.train_split}")
 
+  batch = local_batch_size(config.batch_size)
+
   def local_batches():
     epoch, skip = divmod(start_step, per_epoch)
+    skipped = 0
     while True:
       ds = _train_epoch(config, builder, epoch, skip).prefetch(tf.data.AUTOTUNE)
-      yield from ds.as_numpy_iterator()
+      last = skip * batch - 1  # the position before this epoch's first example
+      for local in _numpy_batches(config, ds, train_split(config)):
+        position = local.pop("position")
+        gap = int(position[-1]) - last - len(position)  # examples dropped as unreadable
+        if gap:
+          skipped += gap
+          logging.warning("Skipped %d unreadable images of %s so far", skipped, config.dataset)
+        last = int(position[-1])
+        yield local
       epoch, skip = epoch + 1, 0
 
   return _to_device(local_batches(), mesh, config.prefetch_to_device)
@@ -233,11 +266,11 @@ def eval_iterator(config, builder, info: DatasetInfo, mesh, split=None) -> Itera
     return {"image": pp({"image": example["image"]})["image"], "label": labels(example), "mask": tf.constant(1.0)}
 
   ds = _filter(config, _read(builder, split), label_subset(config)).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  ds = _bad_image_policy(config, ds).batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
   def local_batches():
     count, padding = 0, None
-    for local in ds.as_numpy_iterator():
+    for local in _numpy_batches(config, ds, split):
       padding = jax.tree.map(np.zeros_like, _pad(local, batch))
       yield _pad(local, batch)
       count += 1
