@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = config_dict.placeholder(str)  # a released .npz, or a workdir of ours.
   config.init.new_head = True  # a zero-initialised head for this dataset's classes.
-  # A different token grid (resolution): "block_diagonal" (integer ratio K, paper App. C).
+  # A different token grid (resolution): "block_diagonal" (an integer ratio K, paper App. C: exact), or
+  # "resample" (any grid, e.g. 128px from 224px: token-mixing weights interpolated as 2-D grids).
   config.init.token_mixing = "block_diagonal"
 
   config.loss = "softmax_xent"  # or "sigmoid_xent" (the paper's choice for large label spaces).

@@ -197,3 +197,31 @@ def to_timm_state_dict(params: dict) -> dict[str, np.ndarray]:
         out[f"blocks.{i}.{theirs}.{fc}.weight"] = p[f"{block}/{ours}/{dense}/kernel"].T
         out[f"blocks.{i}.{theirs}.{fc}.bias"] = p[f"{block}/{ours}/{dense}/bias"]
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def resample_token_mixing(params: dict, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> dict:
+  """Token mixing for any new token grid: every token axis of the token MLP is treated as a 2-D patch
+  grid and resized bilinearly (e.g. 224px -> 128px fine-tuning with patch 16: 14x14 -> 8x8 tokens).
+
+  The first layer's weights are scaled by old/new token count, so that its pre-activations (a sum
+  over tokens) keep their size; the hidden width D_S is unchanged.
+  """
+  import jax.numpy as jnp
+  (h, w), (nh, nw) = old_grid, new_grid
+  scale = (h * w) / (nh * nw)
+  resize = lambda x, shape: np.asarray(jax.image.resize(jnp.asarray(x), shape, method="bilinear", antialias=True))
+  out = {}
+  for name, block in params.items():
+    if not name.startswith("MixerBlock_"):
+      out[name] = block
+      continue
+    tm = block["token_mixing"]
+    k0, k1, b1 = tm["Dense_0"]["kernel"], tm["Dense_1"]["kernel"], tm["Dense_1"]["bias"]
+    hidden = k0.shape[1]
+    new_k0 = resize(k0.reshape(h, w, hidden), (nh, nw, hidden)).reshape(nh * nw, hidden) * scale
+    new_k1 = resize(k1.reshape(hidden, h, w), (hidden, nh, nw)).reshape(hidden, nh * nw)
+    new_b1 = resize(b1.reshape(h, w), (nh, nw)).reshape(nh * nw)
+    dense_0 = {"kernel": new_k0.astype(k0.dtype), "bias": tm["Dense_0"]["bias"]}
+    dense_1 = {"kernel": new_k1.astype(k1.dtype), "bias": new_b1.astype(b1.dtype)}
+    out[name] = {**block, "token_mixing": {"Dense_0": dense_0, "Dense_1": dense_1}}
+  return out

@@ -80,11 +80,15 @@ def prepare_pretrained(config, s: Setup) -> tuple[Setup, dict | None]:
   block = pretrained.get("MixerBlock_0", {}).get("token_mixing", {}).get("Dense_0", {})
   old_tokens = np.shape(block.get("kernel", np.zeros((grid[0] * grid[1], 0))))[0]
   if old_tokens != grid[0] * grid[1]:
-    if config.init.token_mixing != "block_diagonal":
-      raise ValueError(f"config.init.token_mixing={config.init.token_mixing!r} is not one of block_diagonal")
     side = math.isqrt(old_tokens)
     if side * side != old_tokens:
       raise ValueError(f"{config.init.checkpoint}: {old_tokens} pre-trained tokens are not a square grid")
+    if config.init.token_mixing == "resample":  # any grid; D_S unchanged
+      logging.info("Token grid %dx%d -> %dx%d: token mixing resampled", side, side, *grid)
+      return s, checkpoints.resample_token_mixing(pretrained, (side, side), grid)
+    if config.init.token_mixing != "block_diagonal":
+      raise ValueError(f"config.init.token_mixing={config.init.token_mixing!r} is not one of block_diagonal, "
+                       f"resample")
     pretrained = checkpoints.block_diagonal_token_mixing(pretrained, (side, side), grid)
     config.model.tokens_mlp_dim = pretrained["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[1]
     logging.info("Token grid %dx%d -> %dx%d: block-diagonal token mixing, %d hidden units", side, side, *grid,

@@ -84,3 +84,47 @@ def test_finetune_at_a_non_integer_ratio_is_an_error(data_dir, pretrained, tmp_p
                             pp_eval="decode(channels=1)|resize(24)|value_range(-1, 1)")
   with pytest.raises(ValueError, match=r"token grid \(6, 6\) is not an integer multiple"):
     train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def pretrained_32px(data_dir, tmp_path_factory):
+  """Pre-trained at 32px: an 8x8 token grid, to fine-tune at 24px (6x6), like 224px -> 168px."""
+  workdir = str(tmp_path_factory.mktemp("pretrain32"))
+  pp = "decode(channels=1)|resize(32)|value_range(-1, 1)"
+  config = small_config(data_dir, label_subset="0-4", batch_size=64, total_steps=120, warmup_steps=5,
+                        eval_every_steps=120, checkpoint_every_steps=120, log_every_steps=10, pp_train=pp,
+                        pp_eval=pp)
+  assert train_lib.train_and_evaluate(config, workdir)["eval"][-1]["top1"] > 0.9
+  return workdir
+
+
+def _start_top1(data_dir, checkpoint, random_token_mixing: bool):
+  """Top-1 at 24px before any fine-tuning, with resampled (or freshly initialised) token mixing."""
+  pp = "decode(channels=1)|resize(24)|value_range(-1, 1)"
+  config = _finetune_config(data_dir, checkpoint, label_subset="0-4", pp_train=pp, pp_eval=pp,
+                            **{"init.token_mixing": "resample", "init.new_head": False})
+  s, pretrained = train_lib.prepare_pretrained(config, train_lib.setup(config))
+  fresh = s.model.init(jax.random.key(0), jax.numpy.zeros((1,) + s.image_shape))["params"]
+  assert pretrained["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape == (36, 64)  # D_S unchanged
+  if random_token_mixing:
+    pretrained = {k: {**v, "token_mixing": jax.device_get(fresh[k]["token_mixing"])} if k.startswith("MixerBlock_")
+                  else v for k, v in pretrained.items()}
+  params = train_lib.init_from_pretrained(pretrained, fresh, s.model, False, checkpoint)
+  eval_step = steps.make_eval_step(config, s.model, s.num_classes, jax.tree.map(lambda x: x.sharding, fresh),
+                                   s.mesh)
+  return steps.evaluate(eval_step, jax.device_put(params),
+                        input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))["top1"]
+
+
+def test_resampled_token_mixing_starts_far_above_a_random_one(data_dir, pretrained_32px):
+  """Any-resolution fine-tuning (8x8 -> 6x6 tokens, a ratio of 3/4, as 224px -> 168px)."""
+  resampled = _start_top1(data_dir, pretrained_32px, random_token_mixing=False)
+  random = _start_top1(data_dir, pretrained_32px, random_token_mixing=True)
+  assert resampled > random + 0.3  # measured: 0.77 against 0.22 (chance: 0.2)
+
+
+def test_resample_then_finetune_at_any_resolution(data_dir, pretrained_32px, tmp_path):
+  pp = "decode(channels=1)|resize(20)|value_range(-1, 1)"  # 5x5 tokens from 8x8
+  config = _finetune_config(data_dir, pretrained_32px, pp_train=pp, pp_eval=pp, **{"init.token_mixing": "resample"})
+  history = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert history["eval"][-1]["top1"] > 0.85
