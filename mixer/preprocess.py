@@ -130,8 +130,37 @@ def randaugment(num_layers: int = 2, magnitude: float = 15) -> Op:
   return op
 
 
+def patch_shuffle(patch_size: int, seed: int = 0) -> Op:
+  """One fixed permutation of the patch_size x patch_size patches, and one of the pixels inside every
+  patch, the same for all images (paper Fig. 4, "patch + pixel shuffling"). Image sides must be
+  multiples of patch_size."""
+  def op(features):
+    image = features["image"]
+    h, w, c = tf.shape(image)[0], tf.shape(image)[1], tf.shape(image)[2]
+    nh, nw, p = h // patch_size, w // patch_size, patch_size
+    patches = tf.reshape(tf.transpose(tf.reshape(image, [nh, p, nw, p, c]), [0, 2, 1, 3, 4]), [nh * nw, p * p, c])
+    patches = tf.gather(patches, tf.random.experimental.stateless_shuffle(tf.range(nh * nw), [seed, 1]), axis=0)
+    patches = tf.gather(patches, tf.random.experimental.stateless_shuffle(tf.range(p * p), [seed, 2]), axis=1)
+    features["image"] = tf.reshape(tf.transpose(tf.reshape(patches, [nh, nw, p, p, c]), [0, 2, 1, 3, 4]), [h, w, c])
+    return features
+  return op
+
+
+def pixel_shuffle(seed: int = 0) -> Op:
+  """One fixed permutation of all pixels, the same for all images (paper Fig. 4, "global shuffling")."""
+  def op(features):
+    image = features["image"]
+    shape = tf.shape(image)
+    pixels = tf.reshape(image, [shape[0] * shape[1], shape[2]])
+    pixels = tf.gather(pixels, tf.random.experimental.stateless_shuffle(tf.range(shape[0] * shape[1]), [seed, 3]))
+    features["image"] = tf.reshape(pixels, shape)
+    return features
+  return op
+
+
 OPS = {fn.__name__: fn for fn in (decode, inception_crop, decode_jpeg_and_inception_crop, resize,
-                                  resize_small, central_crop, flip_lr, randaugment, value_range)}
+                                  resize_small, central_crop, flip_lr, randaugment, value_range, patch_shuffle,
+                                  pixel_shuffle)}
 
 
 def _parse_op(spec: str) -> Op:

@@ -120,3 +120,28 @@ def test_mixup_mixes_images_and_targets_with_one_weight():
   np.testing.assert_array_equal(again, mixed)
   other, _ = steps.mixup(jax.random.key(2), images, targets, 0.5)
   assert not np.allclose(other, mixed)
+
+
+def test_patch_shuffle_moves_whole_patches_with_one_pixel_permutation():
+  image = tf.constant(np.arange(96, dtype=np.uint8).reshape(8, 12, 1))  # every pixel value unique
+  out = _run("patch_shuffle(4, seed=1)", image)
+  np.testing.assert_array_equal(out, _run("patch_shuffle(4, seed=1)", image, (7, 7)))  # fixed for all images
+  assert not np.array_equal(out, image.numpy())
+
+  def patches(x):
+    return x.reshape(2, 4, 3, 4).transpose(0, 2, 1, 3).reshape(6, 16)
+  source, shuffled = patches(image.numpy()), patches(out)
+  where = {int(v): (i, j) for i in range(6) for j, v in enumerate(source[i])}
+  sources = [{where[int(v)][0] for v in row} for row in shuffled]
+  assert all(len(s) == 1 for s in sources)  # each output patch is one whole input patch
+  assert sorted(s.pop() for s in sources) == list(range(6))
+  pixel_orders = {tuple(where[int(v)][1] for v in row) for row in shuffled}
+  assert len(pixel_orders) == 1 and pixel_orders != {tuple(range(16))}  # one shared, non-trivial permutation
+
+
+def test_pixel_shuffle_is_one_fixed_permutation_of_all_pixels():
+  image = tf.constant(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+  out = _run("pixel_shuffle(seed=2)", image)
+  np.testing.assert_array_equal(out, _run("pixel_shuffle(seed=2)", image, (9, 9)))  # no per-example randomness
+  assert sorted(out.reshape(-1, 3).tolist()) == sorted(image.numpy().reshape(-1, 3).tolist())  # pixels kept whole
+  assert not np.array_equal(out, image.numpy())

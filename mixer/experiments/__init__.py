@@ -1,0 +1,1 @@
+"""Experiments from the paper that run here end to end."""
