@@ -39,6 +39,11 @@ def small_config(data_dir: str, **overrides):
   config.log_every_steps = 1
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """Sets config fields by dotted name ("model.variant") and returns the config."""
   for key, value in overrides.items():
     target = config
     *path, last = key.split(".")

@@ -8,7 +8,7 @@ import pytest
 
 from configs import finetune_digits
 from mixer import checkpoints, input_pipeline, steps, train_lib
-from tests.conftest import small_config
+from tests.conftest import override, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,7 @@ def _finetune_config(data_dir, checkpoint, **overrides):
   config.total_steps, config.batch_size, config.warmup_steps = 60, 64, 5
   config.log_every_steps = config.sync_every_steps = 10
   config.eval_every_steps = config.checkpoint_every_steps = 60
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return override(config, **overrides)
 
 
 def _untuned_top1(config):
