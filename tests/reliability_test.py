@@ -40,26 +40,26 @@ def _params(workdir):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(data_dir, tmp_path):
-  total = ["--config.total_steps=150", "--config.checkpoint_every_steps=1000"]
+  total = ["--config.total_steps=60", "--config.checkpoint_every_steps=1000"]
   code, log = _finish(_train(tmp_path / "straight", data_dir, *total))
   assert code == 0, log[-3000:]
 
   interrupted = _train(tmp_path / "stopped", data_dir, *total)
   for line in interrupted.stderr:  # wait until training is under way, then preempt it.
-    if "[20] train/" in line:
+    if "[10] train/" in line:
       interrupted.send_signal(signal.SIGTERM)
       break
   code, log = _finish(interrupted)
   assert code == 143, log[-3000:]
   assert "Preempted at step" in log and "rerun the same command to resume" in log
   stopped_at = int(log.split("Preempted at step ")[1].split(":")[0])
-  assert 20 <= stopped_at < 150
+  assert 10 <= stopped_at < 60
   assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == [str(stopped_at)]
 
   code, log = _finish(_train(tmp_path / "stopped", data_dir, *total))  # the same command resumes.
   assert code == 0 and f"Restored checkpoint from step {stopped_at}" in log, log[-3000:]
   (step_a, straight), (step_b, resumed) = _params(tmp_path / "straight"), _params(tmp_path / "stopped")
-  assert step_a == step_b == 150
+  assert step_a == step_b == 60
   for a, b in zip(straight, resumed, strict=True):
     np.testing.assert_array_equal(a, b)  # bit-identical, not merely close.
 
@@ -67,8 +67,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(data_dir, tmp_
 @pytest.mark.slow
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
   # A large state (B-size blocks on 4x4 tokens: ~690 MB with Adam) so that each save takes a while.
-  flags = ["--config.model.variant=B/4", "--config.total_steps=12", "--config.checkpoint_every_steps=2",
-           "--config.batch_size=8"]
+  flags = ["--config.model.variant=B/4", "--config.total_steps=6", "--config.checkpoint_every_steps=2",
+           "--config.batch_size=8", "--config.keep_checkpoints=2", "--config.warmup_steps=1"]
   with open(tmp_path / "log.txt", "w") as log_file:  # a file, not a pipe nobody reads while we poll
     process = _train(tmp_path, data_dir, *flags, stdout=log_file, stderr=subprocess.STDOUT)
   directory = tmp_path / "checkpoints"
@@ -82,7 +82,7 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(data_dir, tm
   process.wait()
   assert process.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
   assert any("tmp" in n for n in os.listdir(directory))  # the unfinished save is there...
-  code, log = _finish(_train(tmp_path, data_dir, *flags))
+  code, log = _finish(_train(tmp_path, data_dir, *flags, "--config.checkpoint_every_steps=1000"))
   assert code == 0, log[-3000:]
   assert "Restored checkpoint from step 2" in log  # ...and ignored: the newest complete one is used.
   assert "Final test top-1" in log
