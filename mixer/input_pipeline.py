@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mixer import datasets, preprocess, sharding
 
@@ -54,7 +55,7 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
       if jax.process_index() == 0:
         builder.download_and_prepare()
       if jax.process_count() > 1:
-        jax.experimental.multihost_utils.sync_global_devices(f"prepare {config.dataset}")
+        multihost_utils.sync_global_devices(f"prepare {config.dataset}")
       builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     else:
       raise FileNotFoundError(
