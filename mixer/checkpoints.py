@@ -7,6 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mixer import sharding
+
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   # The training loop decides when to save (config.checkpoint_every_steps, the last step, SIGTERM).
@@ -47,14 +49,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
   return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-def _key(k) -> str:
-  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-
 def path_shapes(tree: Any) -> dict[str, tuple]:
   """{"params/MixerBlock_0/token_mixing/Dense_0/kernel": shape, ...} for any tree of arrays or metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-  return {"/".join(_key(k) for k in path): tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+  return {sharding.path_string(path): tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
           for path, leaf in leaves}
 
 

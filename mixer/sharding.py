@@ -80,7 +80,8 @@ def parse_rules(param_sharding: str) -> dict[str, str]:
   return rules
 
 
-def _path(keys) -> str:
+def path_string(keys) -> str:
+  """A tree path as "params/MixerBlock_0/token_mixing/Dense_0/kernel" (dict keys, attributes, indices)."""
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
@@ -99,7 +100,8 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, str]) -> Any:
   every variant.
   """
   def spec(keys, leaf):
-    path, axes = _path(keys), logical_axes(_path(keys), leaf.ndim)
+    path = path_string(keys)
+    axes = logical_axes(path, leaf.ndim)
     dims = []
     for size, name in zip(leaf.shape, axes, strict=True):
       axis = rules.get(name)
