@@ -135,6 +135,40 @@ def test_token_mixing_is_shared_across_channels():
                              rtol=1e-6)
 
 
+def _paper_forward(params, images, patch):
+  """Eq. (1) of the paper in numpy on [batch, tokens, channels] with the released parameter layout."""
+  def layer_norm(x, p):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+  def mlp(x, p):
+    h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  b, h, w, c = images.shape
+  patches = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  x = patches.reshape(b, -1, patch * patch * c) @ params["stem"]["kernel"].reshape(-1, params["stem"]["bias"].size)
+  x = x + params["stem"]["bias"]
+  for i in range(sum(k.startswith("MixerBlock_") for k in params)):
+    block = params[f"MixerBlock_{i}"]
+    x = x + mlp(layer_norm(x, block["LayerNorm_0"]).transpose(0, 2, 1), block["token_mixing"]).transpose(0, 2, 1)
+    x = x + mlp(layer_norm(x, block["LayerNorm_1"]), block["channel_mixing"])
+  x = layer_norm(x, params["pre_head_layer_norm"]).mean(1)
+  return x @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def test_model_computes_the_papers_equations():
+  """The flax module equals Eq. (1) of the paper written independently in numpy (float64)."""
+  model = _tiny().clone(num_classes=5)
+  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
+  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # non-zero head.
+  np.testing.assert_allclose(model.apply({"params": params}, x), _paper_forward(params, np.asarray(x, np.float64), 4),
+                             rtol=1e-4, atol=1e-4)
+
+
 def test_image_size_not_multiple_of_patch_is_an_error():
   with pytest.raises(ValueError, match="patch size 4"):
     _tiny().init(jax.random.key(0), jnp.zeros((1, 18, 16, 1)))
