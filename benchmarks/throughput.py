@@ -22,8 +22,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
+  """The step's shape and timing flags (benchmarks/profile.py adds its own to these)."""
+  parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--variant", default="B/16")
   parser.add_argument("--resolution", type=int, default=224)
   parser.add_argument("--batch", type=int, default=64)
@@ -38,7 +39,11 @@ def parse_args(argv=None):
   parser.add_argument("--plot", default=None, help="with --sweep: write images/s against batch size here")
   parser.add_argument("--json", default=None, help="also write the JSON here")
   parser.add_argument("--framework", choices=("jax", "timm"), default="jax", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+  args = (parser or make_parser()).parse_args(argv)
   gpu = args.device == "gpu"
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   args.steps = args.steps or (10 if gpu else 3)
@@ -75,7 +80,8 @@ def _repeat(run_steps, args) -> list[float]:
   return times
 
 
-def measure_jax(args) -> dict:
+def build_jax(args) -> dict:
+  """Our model, train state, jitted train step and a random batch of args' shape, on a 1-axis data mesh."""
   os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
   sys.path.insert(0, REPO)
   import jax
@@ -102,7 +108,15 @@ def measure_jax(args) -> dict:
   keys = jax.random.split(jax.random.key(0), 2)
   batch = {"image": jax.device_put(jax.random.uniform(keys[0], (args.batch,) + shape, jnp.float32, -1, 1), data),
            "label": jax.device_put(jax.random.randint(keys[1], (args.batch,), 0, args.num_classes), data)}
-  rng = jax.random.key(1)
+  return {"model": model, "state": state, "state_sharding": state_sharding, "train_step": train_step,
+          "batch": batch, "data_sharding": data, "rng": jax.random.key(1)}
+
+
+def measure_jax(args) -> dict:
+  built = build_jax(args)
+  import jax
+  model, state, state_sharding, train_step, batch, data, rng = (
+      built[k] for k in ("model", "state", "state_sharding", "train_step", "batch", "data_sharding", "rng"))
 
   start = time.perf_counter()
   compiled_train = train_step.lower(state, batch, rng).compile()

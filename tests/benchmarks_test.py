@@ -52,3 +52,19 @@ def test_input_pipeline_benchmark_reports_cores_to_feed(tmp_path):
   for r in rows:
     assert r["images_per_s_1_core"] > 0
     assert r["cores_to_feed"] == pytest.approx(1000 / r["images_per_s_1_core"])
+
+
+def test_profile_benchmark_splits_the_step_by_op_kind_and_model_part(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/profile.py", "--variant", "Ti/4", "--resolution", "32",
+                        "--batch", "8", "--device", "cpu", "--steps", "2", "--trace_dir", str(tmp_path / "trace"),
+                        "--json", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads((tmp_path / "p.json").read_text())
+  assert result["by_category"]["matmul"]["ms_per_step"] > 0
+  for part in ("token_mixing", "channel_mixing"):
+    assert {f"{part} forward", f"{part} backward"} <= set(result["by_model_part"])
+  assert sum(row["share"] for row in result["by_category"].values()) == pytest.approx(1.0)
+  # Every traced op was matched to an instruction of the compiled step and timed.
+  assert 0 < result["busy_ms_per_step"] <= result["op_ms_per_step"] + 1e-6
+  assert result["top_ops"] and all(op["ms_per_step"] > 0 for op in result["top_ops"])
+  assert any(op["model_part"].startswith("channel_mixing") for op in result["top_ops"])
