@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixer import ops
+
 # Table 1 of the paper: size -> (blocks, hidden C, tokens MLP D_S, channels MLP D_C).
 # "Ti" is not in the paper: a tiny size for tests and the embedded default run.
 SIZES = {
@@ -39,9 +41,45 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
-    y = nn.gelu(y, approximate=self.gelu_approximate)
+    y = ops.gelu(y, self.gelu_approximate)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+
+
+class DenseParams(nn.Module):
+  """An nn.Dense's kernel and bias (same names, shapes and initialisers) for products nn.Dense cannot express."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    return (self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), jnp.float32),
+            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
+
+
+class TokenMixing(nn.Module):
+  """The token-mixing MLP (Dense over tokens -> gelu -> Dense back) on [batch, tokens, channels] as it lies.
+
+  Each product is a GEMM batched over examples, with the kernel as the per-example operand, so the
+  activations are read in place: no transpose to [batch, channels, tokens] and back, forward or backward.
+  """
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    batch, tokens, _ = x.shape
+    kernel_0, bias_0 = DenseParams(self.mlp_dim, name="Dense_0")(tokens)
+    kernel_1, bias_1 = DenseParams(tokens, name="Dense_1")(self.mlp_dim)
+    x, kernel_0, bias_0, kernel_1, bias_1 = nn.dtypes.promote_dtype(x, kernel_0, bias_0, kernel_1, bias_1,
+                                                                    dtype=self.dtype)
+    per_example = lambda kernel: jnp.broadcast_to(kernel, (batch,) + kernel.shape)
+    y = jax.lax.dot_general(x, per_example(kernel_0), (((1,), (1,)), ((0,), (0,)))) + bias_0  # [B, C, D_S]
+    y = ops.gelu(y, self.gelu_approximate)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = jax.lax.dot_general(per_example(kernel_1), y, (((1,), (2,)), ((0,), (0,))))  # [B, S, C]
+    return y + bias_1[:, None]
 
 
 def stochastic_depth(module: nn.Module, x, rate, train: bool):
@@ -69,12 +107,10 @@ class MixerBlock(nn.Module):
   def __call__(self, x, train: bool = False, stoch_depth=None):
     rate = self.stoch_depth if stoch_depth is None else stoch_depth
     mlp = dict(dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = jnp.swapaxes(y, 1, 2)
-    y = MlpBlock(self.tokens_mlp_dim, name="token_mixing", **mlp)(y, train=train)
-    y = jnp.swapaxes(y, 1, 2)
+    y = ops.LayerNorm(dtype=self.dtype)(x)
+    y = TokenMixing(self.tokens_mlp_dim, name="token_mixing", **mlp)(y, train=train)
     x = x + stochastic_depth(self, y, rate, train)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = ops.LayerNorm(dtype=self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, name="channel_mixing", **mlp)(y, train=train)
     return x + stochastic_depth(self, y, rate, train)
 
@@ -125,7 +161,7 @@ class MlpMixer(nn.Module):
     else:
       for i in range(self.num_blocks):
         x = _block_class(self.remat)(**block, stoch_depth=rates[i], name=f"MixerBlock_{i}")(x, train)
-    x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
+    x = ops.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
     x = jnp.mean(x, axis=1)  # the pre-logits that few-shot evaluation reads.
     if self.num_classes:
       x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)

@@ -135,18 +135,20 @@ def test_token_mixing_is_shared_across_channels():
                              rtol=1e-6)
 
 
-def _paper_forward(params, images, patch):
-  """Eq. (1) of the paper in numpy on [batch, tokens, channels] with the released parameter layout."""
+def _paper_forward(params, images, patch, xp=np):
+  """Eq. (1) of the paper on [batch, tokens, channels] with the released parameter layout, in numpy (xp=np,
+  float64) or in jax.numpy (xp=jnp, to differentiate)."""
   def layer_norm(x, p):
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+    return (x - mean) / xp.sqrt(var + 1e-6) * p["scale"] + p["bias"]
 
   def mlp(x, p):
     h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
-    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    h = 0.5 * h * (1 + xp.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
     return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
 
-  params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  if xp is np:
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   b, h, w, c = images.shape
   patches = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
   x = patches.reshape(b, -1, patch * patch * c) @ params["stem"]["kernel"].reshape(-1, params["stem"]["bias"].size)
@@ -167,6 +169,21 @@ def test_model_computes_the_papers_equations():
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # non-zero head.
   np.testing.assert_allclose(model.apply({"params": params}, x), _paper_forward(params, np.asarray(x, np.float64), 4),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_equal_autodiff_of_the_papers_equations():
+  """Token mixing without transposes and the hand-written LayerNorm/gelu backward give autodiff's gradients."""
+  model = _tiny().clone(num_classes=5)
+  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
+  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  targets = jax.nn.one_hot(jnp.arange(3), 5)
+  loss = lambda logits: -jnp.sum(targets * jax.nn.log_softmax(logits))
+  ours = jax.grad(lambda p: loss(model.apply({"params": p}, x)))(params)
+  reference = jax.grad(lambda p: loss(_paper_forward(p, x, 4, xp=jnp)))(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(reference)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(reference), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_image_size_not_multiple_of_patch_is_an_error():
