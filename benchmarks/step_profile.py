@@ -1,7 +1,7 @@
 """Where the train step's time goes: a device trace of our jitted step, summed per XLA op and per model part.
 
-  python benchmarks/profile.py --variant S/16 --batch 8 --device cpu
-  python benchmarks/profile.py --variant B/16 --batch 256 --device gpu --json b16_profile.json
+  python benchmarks/step_profile.py --variant S/16 --batch 8 --device cpu
+  python benchmarks/step_profile.py --variant B/16 --batch 256 --device gpu --json b16_profile.json
 
 Builds the same train step as throughput.py, traces --steps steps with jax.profiler (the raw trace stays
 in --trace_dir for Perfetto or TensorBoard), and matches each traced op to the compiled HLO. Prints one
@@ -22,48 +22,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput  # noqa: E402  (the sibling script: the same step and arguments)
+import hlo  # noqa: E402  (sibling modules: HLO reading, and the same step and arguments)
+import throughput  # noqa: E402
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
-_COMPUTATION = re.compile(r"^%?([\w.\-]+)[ (].*\{\s*$")
 _MODEL_PARTS = ("token_mixing", "channel_mixing", "LayerNorm", "pre_head_layer_norm", "stem", "head")
-
-
-def parse_hlo(text: str) -> dict[str, dict]:
-  """Compiled HLO text -> {instruction name: {"opcode", "op_name", "fused_opcodes"}} for every instruction."""
-  instructions, computations, current = {}, collections.defaultdict(set), None
-  for line in text.splitlines():
-    if (header := _COMPUTATION.match(line)) and " = " not in line:
-      current = header.group(1)
-      continue
-    if not (match := _INSTRUCTION.match(line)):
-      continue
-    name, opcode = match.groups()
-    computations[current].add(opcode)
-    op_name = re.search(r'op_name="([^"]*)"', line)
-    calls = re.search(r"calls=%?([\w.\-]+)", line)
-    target = re.search(r'custom_call_target="([^"]*)"', line)
-    instructions[name] = {"opcode": opcode, "op_name": op_name.group(1) if op_name else "",
-                          "calls": calls.group(1) if calls else None, "target": target.group(1) if target else ""}
-  for info in instructions.values():
-    info["fused_opcodes"] = computations.get(info.pop("calls"), set()) if info["opcode"] == "fusion" else set()
-  return instructions
-
-
-def category(info: dict) -> str:
-  """matmul, convolution, transpose/copy, collective, reduction fusion, elementwise fusion or other."""
-  opcodes = info["fused_opcodes"] | {info["opcode"]}
-  if "dot" in opcodes or "gemm" in info["target"] or "matmul" in info["target"]:
-    return "matmul"
-  if "convolution" in opcodes or "conv" in info["target"]:
-    return "convolution"
-  if any(op.startswith(("all-", "reduce-scatter", "collective")) for op in opcodes):
-    return "collective"
-  if opcodes - {"fusion", "parameter", "bitcast"} <= {"transpose", "copy", "copy-start", "copy-done"}:
-    return "transpose/copy"
-  if info["opcode"] == "fusion":
-    return "reduction fusion" if "reduce" in opcodes else "elementwise fusion"
-  return "other"
 
 
 def model_part(op_name: str) -> str:
@@ -103,13 +65,15 @@ def busy_time(ops: list[tuple[str, float, float]]) -> float:
 
 
 def summarize(ops, instructions: dict, steps: int, step_ms: float, train_flops: float, top: int) -> dict:
+  computations = hlo.bodies(instructions)
+  kind = {name: hlo.category(instructions[name], computations) for name, _, _ in ops}
   per_op = collections.Counter()
   for name, _, duration in ops:
     per_op[name] += duration / 1e3 / steps
   op_total = sum(per_op.values())
   by_category, by_part = collections.Counter(), collections.Counter()
   for name, ms in per_op.items():
-    by_category[category(instructions[name])] += ms
+    by_category[kind[name]] += ms
     by_part[model_part(instructions[name]["op_name"])] += ms
 
   def table(counter):
@@ -120,7 +84,7 @@ def summarize(ops, instructions: dict, steps: int, step_ms: float, train_flops: 
       "step_ms": step_ms, "op_ms_per_step": op_total, "busy_ms_per_step": busy_time(ops) / 1e3 / steps,
       "matmul_tflops": train_flops / (matmul_ms / 1e3) / 1e12 if matmul_ms else None,
       "by_category": table(by_category), "by_model_part": table(by_part),
-      "top_ops": [{"op": name, "ms_per_step": ms, "category": category(instructions[name]),
+      "top_ops": [{"op": name, "ms_per_step": ms, "category": kind[name],
                    "model_part": model_part(instructions[name]["op_name"]),
                    "op_name": instructions[name]["op_name"]} for name, ms in per_op.most_common(top)],
   }
@@ -134,7 +98,7 @@ def main(argv=None):
   built = throughput.build_jax(args)
   import jax
   compiled = built["train_step"].lower(built["state"], built["batch"], built["rng"]).compile()
-  instructions = parse_hlo(compiled.as_text())
+  instructions, _ = hlo.parse(compiled.as_text())
   state = built["state"]
 
   def run(n):

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
-  """The step's shape and timing flags (benchmarks/profile.py adds its own to these)."""
+  """The step's shape and timing flags (benchmarks/step_profile.py adds its own to these)."""
   parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--variant", default="B/16")
   parser.add_argument("--resolution", type=int, default=224)
@@ -43,7 +43,11 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-  args = (parser or make_parser()).parse_args(argv)
+  return fill_defaults((parser or make_parser()).parse_args(argv))
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+  """The defaults that depend on --device: bf16 and more steps on GPU, float32 and fewer on CPU."""
   gpu = args.device == "gpu"
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
   args.steps = args.steps or (10 if gpu else 3)
@@ -80,23 +84,28 @@ def _repeat(run_steps, args) -> list[float]:
   return times
 
 
-def build_jax(args) -> dict:
-  """Our model, train state, jitted train step and a random batch of args' shape, on a 1-axis data mesh."""
-  os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+def step_config(args):
+  """The train-step config that every benchmark times: Adam, clipping, softmax cross-entropy, no mixup."""
   sys.path.insert(0, REPO)
-  import jax
-  import jax.numpy as jnp
   import ml_collections
-
-  from mixer import models, optim, sharding, steps
-
-  config = ml_collections.ConfigDict({
+  return ml_collections.ConfigDict({
       "loss": "softmax_xent", "mixup": 0.0, "grad_accum_steps": 1, "nan_policy": "stop",
       "lr": 1e-3, "weight_decay": 0.1,
       "schedule": "linear", "warmup_steps": 10, "grad_clip_norm": 1.0,
       "optim": {"name": "adam", "b1": 0.9, "b2": 0.999, "momentum": 0.9},
       "model": {"variant": args.variant, "dropout_rate": 0.0, "stoch_depth": 0.0, "gelu_approximate": True,
                 "dtype": args.dtype, "remat": False, "scan_blocks": False, "tokens_mlp_dim": None}})
+
+
+def build_jax(args) -> dict:
+  """Our model, train state, jitted train step and a random batch of args' shape, on a 1-axis data mesh."""
+  os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+  config = step_config(args)
+  import jax
+  import jax.numpy as jnp
+
+  from mixer import models, optim, sharding, steps
+
   mesh = sharding.create_mesh({"data": -1, "model": 1})
   model = models.create_model(config.model, args.num_classes)
   schedule = optim.create_schedule(config, 1_000_000)

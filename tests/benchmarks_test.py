@@ -55,7 +55,7 @@ def test_input_pipeline_benchmark_reports_cores_to_feed(tmp_path):
 
 
 def test_profile_benchmark_splits_the_step_by_op_kind_and_model_part(tmp_path):
-  out = subprocess.run([sys.executable, "benchmarks/profile.py", "--variant", "Ti/4", "--resolution", "32",
+  out = subprocess.run([sys.executable, "benchmarks/step_profile.py", "--variant", "Ti/4", "--resolution", "32",
                         "--batch", "8", "--device", "cpu", "--steps", "2", "--trace_dir", str(tmp_path / "trace"),
                         "--json", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -68,3 +68,16 @@ def test_profile_benchmark_splits_the_step_by_op_kind_and_model_part(tmp_path):
   assert 0 < result["busy_ms_per_step"] <= result["op_ms_per_step"] + 1e-6
   assert result["top_ops"] and all(op["ms_per_step"] > 0 for op in result["top_ops"])
   assert any(op["model_part"].startswith("channel_mixing") for op in result["top_ops"])
+
+
+def test_compiled_cost_counts_the_architectures_matmul_flops(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/compiled_cost.py", "--variant", "Ti/4", "--resolution", "32",
+                        "--batch", "8", "--target", "cpu", "--json", str(tmp_path / "c.json")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads((tmp_path / "c.json").read_text())
+  # Forward + backward matmuls = 3x the forward FLOPs (the stem is a convolution, with no input gradient).
+  assert result["matmul_tflop_per_step"] == pytest.approx(result["architecture_tflop_per_step"], rel=0.05)
+  assert result["by_category"]["matmul"]["kernels"] >= 3 * 2 * 2 * 4  # 4 blocks x 2 MLPs x 2 Dense x fwd/bwd
+  assert result["non_matmul_gbytes_per_step"] > 0
+  assert 0 < result["roofline"]["mfu_bound"] <= 1

@@ -1,0 +1,120 @@
+"""Reads compiled (optimized) HLO text: each instruction's shape, operands, fused body, matmul FLOPs and bytes.
+
+Used by step_profile.py (to name and group traced ops) and compiled_cost.py (to count what a step moves).
+"""
+
+import math
+import re
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "bf16": 2}
+
+
+def array_bytes(shape: str) -> int:
+  """Bytes of every array in an HLO shape string, e.g. '(bf16[8,196]{1,0}, f32[])' -> 8*196*2 + 4."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    size = _ITEM_BYTES.get(dtype) or int(dtype[1:]) // 8
+    total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _dims(shape: str) -> list[int]:
+  match = _ARRAY.search(shape)
+  return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _operands(text: str) -> list[str]:
+  """Operand names of an instruction's argument list (text after the opening parenthesis)."""
+  depth = 1
+  for end, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return re.findall(r"%([\w.\-]+)", text[:end])
+  return re.findall(r"%([\w.\-]+)", text)
+
+
+def parse(text: str) -> tuple[dict[str, dict], str]:
+  """-> ({instruction name: record}, the entry computation's name); names are unique in a module."""
+  instructions, computation, entry = {}, None, None
+  for line in text.splitlines():
+    if " = " not in line and (header := _HEADER.match(line)):
+      computation = header.group(1)
+      entry = computation if line.startswith("ENTRY") else entry
+      continue
+    if computation is None or not (match := _INSTRUCTION.match(line)):
+      continue
+    _, name, shape, opcode, rest = match.groups()
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    instructions[name] = {
+        "name": name, "computation": computation, "shape": shape, "opcode": opcode, "operands": _operands(rest),
+        "calls": re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest), "op_name": op_name.group(1) if op_name else "",
+        "target": target.group(1) if target else "", "text": rest}
+  return instructions, entry
+
+
+def bodies(instructions: dict) -> dict[str, list[dict]]:
+  """{computation name: its instructions}."""
+  out = {}
+  for record in instructions.values():
+    out.setdefault(record["computation"], []).append(record)
+  return out
+
+
+def opcodes_within(record: dict, computations: dict) -> set[str]:
+  """The opcodes of an instruction and of every computation it calls, transitively (a fusion's body)."""
+  seen, todo, found = set(), list(record["calls"]), {record["opcode"]}
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    for inner in computations.get(name, []):
+      found.add(inner["opcode"])
+      todo.extend(inner["calls"])
+  return found
+
+
+def _contracting(text: str, quoted: bool) -> list[int]:
+  pattern = r'"lhs_contracting_dimensions":\[([^\]]*)\]' if quoted else r"lhs_contracting_dims=\{([\d,]*)\}"
+  match = re.search(pattern, text)
+  return [int(d) for d in re.findall(r"\d+", match.group(1))] if match else []
+
+
+def matmul_flops(record: dict, instructions: dict, computations: dict) -> float:
+  """2 * output size * contracted size of every dot inside the instruction (or of a cuBLAS call), else 0."""
+  if record["opcode"] == "custom-call" and ("gemm" in record["target"] or "matmul" in record["target"]):
+    lhs = _dims(instructions[record["operands"][0]]["shape"])
+    return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in _contracting(record["text"], True))
+  records = [record] if record["opcode"] == "dot" else []
+  seen, todo = set(), list(record["calls"])
+  while todo:
+    name = todo.pop()
+    if name not in seen:
+      seen.add(name)
+      records += [r for r in computations.get(name, []) if r["opcode"] == "dot"]
+      todo += [c for r in computations.get(name, []) for c in r["calls"]]
+  flops = 0.0
+  for dot in records:
+    lhs = _dims(instructions[dot["operands"][0]]["shape"])
+    flops += 2.0 * math.prod(_dims(dot["shape"])) * math.prod(lhs[d] for d in _contracting(dot["text"], False))
+  return flops
+
+
+def category(record: dict, computations: dict) -> str:
+  """matmul, convolution, transpose/copy, collective, reduction fusion, elementwise fusion or other."""
+  opcodes = opcodes_within(record, computations)
+  if "dot" in opcodes or "gemm" in record["target"] or "matmul" in record["target"]:
+    return "matmul"
+  if "convolution" in opcodes or "conv" in record["target"]:
+    return "convolution"
+  if any(op.startswith(("all-", "reduce-scatter", "collective")) for op in opcodes):
+    return "collective"
+  if opcodes - {"fusion", "parameter", "bitcast"} <= {"transpose", "copy", "copy-start", "copy-done"}:
+    return "transpose/copy"
+  if record["opcode"] == "fusion":
+    return "reduction fusion" if "reduce" in opcodes else "elementwise fusion"
+  return "other"
