@@ -13,7 +13,6 @@ measures). GPU targets compile without a GPU ("deviceless" AOT): install jax's C
 """
 
 import collections
-import json
 import os
 import sys
 
@@ -110,6 +109,7 @@ def kernel_costs(text: str) -> list[dict]:
     moved = hlo.array_bytes(record["shape"]) + sum(hlo.array_bytes(instructions[o]["shape"])
                                                    for o in record["operands"] if o in instructions)
     rows.append({"op": record["name"], "category": hlo.category(record, computations), "bytes": moved,
+                 "transposes": "transpose" in hlo.opcodes_within(record, computations),
                  "flops": hlo.matmul_flops(record, instructions, computations), "op_name": record["op_name"]})
   return rows
 
@@ -129,6 +129,7 @@ def summarize(rows: list[dict], peak_tflops: float, bandwidth_tbs: float, archit
       "kernels": len(rows), "by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1]["estimate_ms"])),
       "matmul_tflop_per_step": matmul_flops / 1e12, "architecture_tflop_per_step": architecture_flops / 1e12,
       "non_matmul_gbytes_per_step": sum(r["bytes"] for r in rows if not r["flops"]) / 1e9,
+      "kernels_with_a_transpose": sum(r["transposes"] for r in rows),
       "roofline": {"peak_tflops": peak_tflops, "bandwidth_tbs": bandwidth_tbs, "step_ms": step_ms,
                    "mfu_bound": architecture_flops / (step_ms / 1e3) / (peak_tflops * 1e12)},
   }
@@ -158,10 +159,7 @@ def main(argv=None):
   result = {"target": args.target, "variant": args.variant, "resolution": args.resolution, "batch": args.batch,
             "dtype": args.dtype, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             **summarize(kernel_costs(text), peak, bandwidth, flops)}
-  print(json.dumps(result, indent=2))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  throughput.report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -122,10 +122,7 @@ def main(argv=None):
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "trace_dir": trace_dir,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             **summarize(ops, instructions, args.steps, step_ms, train_flops, args.top)}
-  print(json.dumps(result, indent=2))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  throughput.report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,15 @@ def plot(results: list[dict], out: str) -> None:
   fig.savefig(out, dpi=120)
 
 
+def report(result, path: str | None, echo: bool = True) -> None:
+  """Prints the result as JSON and, with a path, writes it there too."""
+  if echo:
+    print(json.dumps(result, indent=2))
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.framework == "timm":
@@ -312,13 +321,10 @@ def main(argv=None):
       print(json.dumps(results[-1]), flush=True)
     if args.plot:
       plot(results, args.plot)
-    output = results
+    if args.json:
+      report(results, args.json, echo=False)
   else:
-    output = one(args)
-    print(json.dumps(output, indent=2))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(output, f, indent=2)
+    report(one(args), args.json)
 
 
 if __name__ == "__main__":

@@ -56,16 +56,12 @@ class DenseParams(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
 
 
-class TokenMixing(nn.Module):
-  """The token-mixing MLP (Dense over tokens -> gelu -> Dense back) on [batch, tokens, channels] as it lies.
+class TokenMixing(MlpBlock):
+  """MlpBlock over the token axis of [batch, tokens, channels], with the released parameters (Dense_0/1).
 
   Each product is a GEMM batched over examples, with the kernel as the per-example operand, so the
   activations are read in place: no transpose to [batch, channels, tokens] and back, forward or backward.
   """
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  gelu_approximate: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):

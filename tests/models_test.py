@@ -127,11 +127,12 @@ def test_stochastic_depth_rises_linearly_from_zero():
 
 def test_token_mixing_is_shared_across_channels():
   """Token mixing applies one MLP to every channel: permuting channels permutes its output."""
-  block = models.MlpBlock(mlp_dim=8)
-  y = jax.random.normal(jax.random.key(0), (2, 6, 16))  # [batch, channels, tokens] as in MixerBlock.
+  block = models.TokenMixing(mlp_dim=8)
+  y = jax.random.normal(jax.random.key(0), (2, 16, 6))  # [batch, tokens, channels] as in MixerBlock.
   p = block.init(jax.random.key(1), y, train=False)
+  assert p["params"]["Dense_0"]["kernel"].shape == (16, 8) and p["params"]["Dense_1"]["kernel"].shape == (8, 16)
   perm = np.random.default_rng(0).permutation(6)
-  np.testing.assert_allclose(block.apply(p, y[:, perm], train=False), block.apply(p, y, train=False)[:, perm],
+  np.testing.assert_allclose(block.apply(p, y[..., perm], train=False), block.apply(p, y, train=False)[..., perm],
                              rtol=1e-6)
 
 
