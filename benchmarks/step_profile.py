@@ -8,7 +8,8 @@ in --trace_dir for Perfetto or TensorBoard), and matches each traced op to the c
 JSON object: step time, time per category (matmul, convolution, transpose/copy, elementwise or
 reduction fusion, collective, other), per model part and pass ("token_mixing backward", "optimizer"),
 the top ops, and the TFLOP/s reached inside the matmuls (the architecture's FLOPs over matmul time),
-which says whether the step is bound by its matmuls or by the work between them.
+which says whether the step is bound by its matmuls or by the work between them. On GPU it turns XLA's
+command buffers (CUDA graphs) off unless XLA_FLAGS sets them, so that each kernel keeps its HLO name.
 """
 
 import collections
@@ -38,16 +39,22 @@ def model_part(op_name: str) -> str:
 
 
 def device_op_events(trace_dir: str, instructions: dict) -> list[tuple[str, float, float]]:
-  """(HLO instruction, start us, duration us) of every traced op of the compiled step, on any device or thread."""
+  """(HLO instruction, start us, duration us) of every traced op of the compiled step.
+
+  On a GPU only the device's own timeline counts (kernels, named by HLO op); on CPU the ops run on
+  host threads, so every thread counts.
+  """
   paths = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no Perfetto trace (*.json.gz) under {trace_dir}")
   with gzip.open(max(paths, key=os.path.getmtime)) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
+  processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpus = {pid for pid, name in processes.items() if name.startswith("/device:GPU")}
   ops = []
   for event in events:
-    if event.get("ph") != "X":
+    if event.get("ph") != "X" or (gpus and event.get("pid") not in gpus):
       continue
     name = (event.get("args") or {}).get("hlo_op") or event.get("name", "")
     if name in instructions:
@@ -95,6 +102,9 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=25, help="how many of the slowest ops to list")
   parser.add_argument("--trace_dir", default=None, help="keep the raw trace here (default: a new temp dir)")
   args = throughput.parse_args(argv, parser)
+  if args.device == "gpu" and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    # Kernels replayed from a CUDA graph lose their HLO names in the trace; profile them launched one by one.
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   built = throughput.build_jax(args)
   import jax
   compiled = built["train_step"].lower(built["state"], built["batch"], built["rng"]).compile()
