@@ -68,9 +68,9 @@ class TokenMixing(MlpBlock):
     batch, tokens, _ = x.shape
     kernel_0, bias_0 = DenseParams(self.mlp_dim, name="Dense_0")(tokens)
     kernel_1, bias_1 = DenseParams(tokens, name="Dense_1")(self.mlp_dim)
-    x, kernel_0, bias_0, kernel_1, bias_1 = nn.dtypes.promote_dtype(x, kernel_0, bias_0, kernel_1, bias_1,
-                                                                    dtype=self.dtype)
-    per_example = lambda kernel: jnp.broadcast_to(kernel, (batch,) + kernel.shape)
+    x, bias_0, bias_1 = nn.dtypes.promote_dtype(x, bias_0, bias_1, dtype=self.dtype)
+    # Broadcast, then cast: the backward pass sums the per-example kernel gradients in float32.
+    per_example = lambda kernel: jnp.broadcast_to(kernel, (batch,) + kernel.shape).astype(x.dtype)
     y = jax.lax.dot_general(x, per_example(kernel_0), (((1,), (1,)), ((0,), (0,)))) + bias_0  # [B, C, D_S]
     y = ops.gelu(y, self.gelu_approximate)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
