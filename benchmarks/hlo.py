@@ -8,17 +8,17 @@ import re
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-_ITEM_BYTES = {"pred": 1, "bf16": 2}
+_ARRAY = re.compile(r"\b(pred|bf16|f8e\w+|[sufc]\d+)\[([\d,]*)\]")
 
 
-def array_bytes(shape: str) -> int:
+def _item_bits(dtype: str) -> int:
+  return {"pred": 8, "bf16": 16}.get(dtype) or (8 if dtype.startswith("f8") else int(dtype[1:]))
+
+
+def array_bytes(shape: str) -> float:
   """Bytes of every array in an HLO shape string, e.g. '(bf16[8,196]{1,0}, f32[])' -> 8*196*2 + 4."""
-  total = 0
-  for dtype, dims in _ARRAY.findall(shape):
-    size = _ITEM_BYTES.get(dtype) or int(dtype[1:]) // 8
-    total += size * math.prod(int(d) for d in dims.split(",") if d)
-  return total
+  return sum(_item_bits(dtype) / 8 * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in _ARRAY.findall(shape))
 
 
 def _dims(shape: str) -> list[int]:
@@ -36,6 +36,11 @@ def _operands(text: str) -> list[str]:
   return re.findall(r"%([\w.\-]+)", text)
 
 
+def _branches(text: str) -> list[str]:
+  match = re.search(r"branch_computations=\{([^}]*)\}", text)
+  return re.findall(r"%([\w.\-]+)", match.group(1)) if match else []
+
+
 def parse(text: str) -> tuple[dict[str, dict], str]:
   """-> ({instruction name: record}, the entry computation's name); names are unique in a module."""
   instructions, computation, entry = {}, None, None
@@ -51,7 +56,8 @@ def parse(text: str) -> tuple[dict[str, dict], str]:
     target = re.search(r'custom_call_target="([^"]*)"', rest)
     instructions[name] = {
         "name": name, "computation": computation, "shape": shape, "opcode": opcode, "operands": _operands(rest),
-        "calls": re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest), "op_name": op_name.group(1) if op_name else "",
+        "calls": re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", rest) + _branches(rest),
+        "op_name": op_name.group(1) if op_name else "",
         "target": target.group(1) if target else "", "text": rest}
   return instructions, entry
 
@@ -85,23 +91,18 @@ def _contracting(text: str, quoted: bool) -> list[int]:
 
 
 def matmul_flops(record: dict, instructions: dict, computations: dict) -> float:
-  """2 * output size * contracted size of every dot inside the instruction (or of a cuBLAS call), else 0."""
+  """2 * output size * contracted size of every dot the instruction runs (inside fusions and called
+  computations, loop bodies times their known trip count), or of a cuBLAS call; 0 if none."""
   if record["opcode"] == "custom-call" and ("gemm" in record["target"] or "matmul" in record["target"]):
     lhs = _dims(instructions[record["operands"][0]]["shape"])
     return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in _contracting(record["text"], True))
-  records = [record] if record["opcode"] == "dot" else []
-  seen, todo = set(), list(record["calls"])
-  while todo:
-    name = todo.pop()
-    if name not in seen:
-      seen.add(name)
-      records += [r for r in computations.get(name, []) if r["opcode"] == "dot"]
-      todo += [c for r in computations.get(name, []) for c in r["calls"]]
-  flops = 0.0
-  for dot in records:
-    lhs = _dims(instructions[dot["operands"][0]]["shape"])
-    flops += 2.0 * math.prod(_dims(dot["shape"])) * math.prod(lhs[d] for d in _contracting(dot["text"], False))
-  return flops
+  if record["opcode"] == "dot":
+    lhs = _dims(instructions[record["operands"][0]]["shape"])
+    return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in _contracting(record["text"], False))
+  trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', record["text"]) if record["opcode"] == "while" else None
+  inner = sum(matmul_flops(r, instructions, computations)
+              for name in record["calls"] for r in computations.get(name, []))
+  return inner * (int(trips.group(1)) if trips else 1)
 
 
 def category(record: dict, computations: dict) -> str:

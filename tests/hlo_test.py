@@ -49,6 +49,13 @@ def test_transposes_and_reductions_are_told_apart():
 
 
 @pytest.mark.parametrize("shape,expected", [("(bf16[8,196]{1,0}, f32[])", 8 * 196 * 2 + 4), ("pred[3]", 3),
-                                            ("s32[2,2]{1,0}", 16)])
+                                            ("s32[2,2]{1,0}", 16), ("s4[8]", 4), ("f8e4m3fn[3]", 3)])
 def test_array_bytes_of_shape_strings(shape, expected):
   assert hlo.array_bytes(shape) == expected
+
+
+def test_a_scanned_matmul_counts_once_per_trip():
+  def scanned(x, w):
+    return jax.lax.scan(lambda c, w_i: (jnp.tanh(c @ w_i), None), x, w)[0]
+  kernels, instructions, computations = _entry_kernels(scanned, jnp.ones((8, 16)), jnp.ones((4, 16, 16)))
+  assert sum(hlo.matmul_flops(k, instructions, computations) for k in kernels) == 4 * 2 * 8 * 16 * 16
