@@ -74,16 +74,12 @@ def measure_bandwidth_cpu() -> float:
 
 def compile_train_step(args, devices):
   """The jitted train step of throughput.py, lowered for `devices` from abstract inputs, then compiled."""
-  config = throughput.step_config(args)  # (puts the repository on sys.path)
+  parts = throughput.step_parts(args, devices)  # (puts the repository on sys.path)
   import jax
   import jax.numpy as jnp
 
-  from mixer import models, optim, sharding, steps
-  mesh = sharding.create_mesh({"data": 1, "model": 1}, devices=devices)
-  model = models.create_model(config.model, args.num_classes)
-  schedule = optim.create_schedule(config, 1_000_000)
-  tx = optim.create_optimizer(config, schedule)
-  shape = (args.resolution, args.resolution, 3)
+  from mixer import sharding, steps
+  config, mesh, model, schedule, tx, shape = (parts[k] for k in ("config", "mesh", "model", "schedule", "tx", "shape"))
   state_sharding = steps.state_sharding_for(model, tx, shape, mesh, "replicated")
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        jax.eval_shape(steps.init_fn(model, tx, shape, 0)), state_sharding)

@@ -90,15 +90,18 @@ def _contracting(text: str, quoted: bool) -> list[int]:
   return [int(d) for d in re.findall(r"\d+", match.group(1))] if match else []
 
 
+def _library_matmul(record: dict) -> bool:
+  """A custom call into a matmul library (cuBLAS gemm, cublasLt matmul)."""
+  return record["opcode"] == "custom-call" and ("gemm" in record["target"] or "matmul" in record["target"])
+
+
 def matmul_flops(record: dict, instructions: dict, computations: dict) -> float:
   """2 * output size * contracted size of every dot the instruction runs (inside fusions and called
   computations, loop bodies times their known trip count), or of a cuBLAS call; 0 if none."""
-  if record["opcode"] == "custom-call" and ("gemm" in record["target"] or "matmul" in record["target"]):
+  if record["opcode"] == "dot" or _library_matmul(record):
     lhs = _dims(instructions[record["operands"][0]]["shape"])
-    return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in _contracting(record["text"], True))
-  if record["opcode"] == "dot":
-    lhs = _dims(instructions[record["operands"][0]]["shape"])
-    return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in _contracting(record["text"], False))
+    contracting = _contracting(record["text"], quoted=record["opcode"] == "custom-call")
+    return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in contracting)
   trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', record["text"]) if record["opcode"] == "while" else None
   inner = sum(matmul_flops(r, instructions, computations)
               for name in record["calls"] for r in computations.get(name, []))
@@ -108,7 +111,7 @@ def matmul_flops(record: dict, instructions: dict, computations: dict) -> float:
 def category(record: dict, computations: dict) -> str:
   """matmul, convolution, transpose/copy, collective, reduction fusion, elementwise fusion or other."""
   opcodes = opcodes_within(record, computations)
-  if "dot" in opcodes or "gemm" in record["target"] or "matmul" in record["target"]:
+  if "dot" in opcodes or _library_matmul(record):
     return "matmul"
   if "convolution" in opcodes or "conv" in record["target"]:
     return "convolution"

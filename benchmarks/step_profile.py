@@ -72,11 +72,11 @@ def busy_time(ops: list[tuple[str, float, float]]) -> float:
 
 
 def summarize(ops, instructions: dict, steps: int, step_ms: float, train_flops: float, top: int) -> dict:
-  computations = hlo.bodies(instructions)
-  kind = {name: hlo.category(instructions[name], computations) for name, _, _ in ops}
   per_op = collections.Counter()
   for name, _, duration in ops:
     per_op[name] += duration / 1e3 / steps
+  computations = hlo.bodies(instructions)
+  kind = {name: hlo.category(instructions[name], computations) for name in per_op}
   op_total = sum(per_op.values())
   by_category, by_part = collections.Counter(), collections.Counter()
   for name, ms in per_op.items():

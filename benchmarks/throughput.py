@@ -97,20 +97,26 @@ def step_config(args):
                 "dtype": args.dtype, "remat": False, "scan_blocks": False, "tokens_mlp_dim": None}})
 
 
+def step_parts(args, devices=None) -> dict:
+  """The config, a 1-axis data mesh over `devices` (default: all), model, schedule and optimizer of the step."""
+  config = step_config(args)
+  from mixer import models, optim, sharding
+  schedule = optim.create_schedule(config, 1_000_000)
+  return {"config": config, "mesh": sharding.create_mesh({"data": -1, "model": 1}, devices=devices),
+          "model": models.create_model(config.model, args.num_classes), "schedule": schedule,
+          "tx": optim.create_optimizer(config, schedule), "shape": (args.resolution, args.resolution, 3)}
+
+
 def build_jax(args) -> dict:
   """Our model, train state, jitted train step and a random batch of args' shape, on a 1-axis data mesh."""
   os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
-  config = step_config(args)
+  parts = step_parts(args)
   import jax
   import jax.numpy as jnp
 
-  from mixer import models, optim, sharding, steps
+  from mixer import sharding, steps
 
-  mesh = sharding.create_mesh({"data": -1, "model": 1})
-  model = models.create_model(config.model, args.num_classes)
-  schedule = optim.create_schedule(config, 1_000_000)
-  tx = optim.create_optimizer(config, schedule)
-  shape = (args.resolution, args.resolution, 3)
+  config, mesh, model, schedule, tx, shape = (parts[k] for k in ("config", "mesh", "model", "schedule", "tx", "shape"))
   state, state_sharding = steps.create_train_state(model, tx, shape, mesh, seed=0)
   train_step = steps.make_train_step(config, model, tx, schedule, args.num_classes, state_sharding, mesh)
   data = sharding.batch_sharding(mesh)
@@ -321,8 +327,7 @@ def main(argv=None):
       print(json.dumps(results[-1]), flush=True)
     if args.plot:
       plot(results, args.plot)
-    if args.json:
-      report(results, args.json, echo=False)
+    report(results, args.json, echo=False)
   else:
     report(one(args), args.json)
 
