@@ -183,22 +183,25 @@ def _paper_forward(params, images, patch, xp=np):
   return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
-def test_model_computes_the_papers_equations():
-  """The flax module equals Eq. (1) of the paper written independently in numpy (float64)."""
+def _tiny_with_random_params():
+  """The tiny model with 5 classes, an input, and parameters moved off their init (a non-zero head)."""
   model = _tiny().clone(num_classes=5)
   x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
   params = model.init(jax.random.key(1), x)["params"]
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # non-zero head.
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  return model, x, params
+
+
+def test_model_computes_the_papers_equations():
+  """The flax module equals Eq. (1) of the paper written independently in numpy (float64)."""
+  model, x, params = _tiny_with_random_params()
   np.testing.assert_allclose(model.apply({"params": params}, x), _paper_forward(params, np.asarray(x, np.float64), 4),
                              rtol=1e-4, atol=1e-4)
 
 
 def test_gradients_equal_autodiff_of_the_papers_equations():
   """Token mixing without transposes and the hand-written LayerNorm/gelu backward give autodiff's gradients."""
-  model = _tiny().clone(num_classes=5)
-  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
-  params = model.init(jax.random.key(1), x)["params"]
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  model, x, params = _tiny_with_random_params()
   targets = jax.nn.one_hot(jnp.arange(3), 5)
   loss = lambda logits: -jnp.sum(targets * jax.nn.log_softmax(logits))
   ours = jax.grad(lambda p: loss(model.apply({"params": p}, x)))(params)
