@@ -15,6 +15,7 @@ measures). GPU targets compile without a GPU ("deviceless" AOT): install jax's C
 import collections
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hlo  # noqa: E402  (sibling modules: HLO reading, and the same step and arguments)
@@ -58,8 +59,6 @@ def target_devices(target: str):
 
 def measure_bandwidth_cpu() -> float:
   """TB/s of a large elementwise add on this machine's CPU (reads two arrays, writes one)."""
-  import time
-
   import jax
   import jax.numpy as jnp
   a, b = jnp.ones((32, 2**20)), jnp.ones((32, 2**20))
@@ -96,19 +95,28 @@ _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"
 
 
 def kernel_costs(text: str) -> list[dict]:
-  """One row per launched op of the entry computation: category, bytes read + written, matmul FLOPs."""
+  """One row per op launched by the entry computation (category, bytes read + written, matmul FLOPs,
+  launches); a while loop's ops are rows of their own, launched its known trip count times."""
   instructions, entry = hlo.parse(text)
   computations = hlo.bodies(instructions)
-  rows = []
-  for record in computations[entry]:
-    if record["opcode"] in _NOT_KERNELS:
-      continue
-    moved = hlo.array_bytes(record["shape"]) + sum(hlo.array_bytes(instructions[o]["shape"])
-                                                   for o in record["operands"] if o in instructions)
-    rows.append({"op": record["name"], "category": hlo.category(record, computations), "bytes": moved,
-                 "transposes": "transpose" in hlo.opcodes_within(record, computations),
-                 "flops": hlo.matmul_flops(record, instructions, computations), "op_name": record["op_name"]})
-  return rows
+
+  def rows(computation: str, launches: int) -> list[dict]:
+    out = []
+    for record in computations[computation]:
+      if record["opcode"] in _NOT_KERNELS:
+        continue
+      if record["opcode"] == "while":
+        trips = hlo.trip_count(record)
+        out += [row for called in record["calls"] for row in rows(called, launches * trips)]
+        continue
+      moved = hlo.kernel_bytes(record, instructions, computations)
+      out.append({"op": record["name"], "category": hlo.category(record, computations), "launches": launches,
+                  "bytes": launches * moved, "transposes": "transpose" in hlo.opcodes_within(record, computations),
+                  "flops": launches * hlo.matmul_flops(record, instructions, computations),
+                  "op_name": record["op_name"]})
+    return out
+
+  return rows(entry, 1)
 
 
 def summarize(rows: list[dict], peak_tflops: float, bandwidth_tbs: float, architecture_flops: float) -> dict:
@@ -116,17 +124,18 @@ def summarize(rows: list[dict], peak_tflops: float, bandwidth_tbs: float, archit
   by_category = collections.defaultdict(lambda: {"kernels": 0, "gbytes": 0.0, "tflop": 0.0, "estimate_ms": 0.0})
   for r in rows:
     entry = by_category[r["category"]]
-    entry["kernels"] += 1
+    entry["kernels"] += r["launches"]
     entry["gbytes"] += r["bytes"] / 1e9
     entry["tflop"] += r["flops"] / 1e12
     entry["estimate_ms"] += 1e3 * seconds(r)
   step_ms = sum(1e3 * seconds(r) for r in rows)
   matmul_flops = sum(r["flops"] for r in rows)
   return {
-      "kernels": len(rows), "by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1]["estimate_ms"])),
+      "kernels": sum(r["launches"] for r in rows),
+      "by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1]["estimate_ms"])),
       "matmul_tflop_per_step": matmul_flops / 1e12, "architecture_tflop_per_step": architecture_flops / 1e12,
       "non_matmul_gbytes_per_step": sum(r["bytes"] for r in rows if not r["flops"]) / 1e9,
-      "kernels_with_a_transpose": sum(r["transposes"] for r in rows),
+      "kernels_with_a_transpose": sum(r["launches"] for r in rows if r["transposes"]),
       "roofline": {"peak_tflops": peak_tflops, "bandwidth_tbs": bandwidth_tbs, "step_ms": step_ms,
                    "mfu_bound": architecture_flops / (step_ms / 1e3) / (peak_tflops * 1e12)},
   }
@@ -148,7 +157,10 @@ def main(argv=None):
       os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   args = throughput.fill_defaults(args)
   import jax
-  text = compile_train_step(args, target_devices(args.target)).as_text()
+  devices = target_devices(args.target)
+  start = time.perf_counter()
+  text = compile_train_step(args, devices).as_text()
+  compile_s = time.perf_counter() - start
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(text)
@@ -156,7 +168,8 @@ def main(argv=None):
   bandwidth = args.bandwidth_tbs or (GPUS[args.target]["bandwidth_tbs"] if gpu else measure_bandwidth_cpu())
   flops = 3 * args.batch * throughput.mixer_flops_per_image(args.variant, args.resolution, args.num_classes)
   result = {"target": args.target, "variant": args.variant, "resolution": args.resolution, "batch": args.batch,
-            "dtype": args.dtype, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "dtype": args.dtype, "scan_blocks": args.scan_blocks, "remat": args.remat, "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "compile_s": round(compile_s, 1),
             **summarize(kernel_costs(text), peak, bandwidth, flops)}
   throughput.report(result, args.json)
 

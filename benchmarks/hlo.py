@@ -51,14 +51,14 @@ def parse(text: str) -> tuple[dict[str, dict], str]:
       continue
     if computation is None or not (match := _INSTRUCTION.match(line)):
       continue
-    _, name, shape, opcode, rest = match.groups()
+    root, name, shape, opcode, rest = match.groups()
     op_name = re.search(r'op_name="([^"]*)"', rest)
     target = re.search(r'custom_call_target="([^"]*)"', rest)
     instructions[name] = {
         "name": name, "computation": computation, "shape": shape, "opcode": opcode, "operands": _operands(rest),
         "calls": re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", rest) + _branches(rest),
         "op_name": op_name.group(1) if op_name else "",
-        "target": target.group(1) if target else "", "text": rest}
+        "target": target.group(1) if target else "", "text": rest, "root": bool(root)}
   return instructions, entry
 
 
@@ -102,10 +102,15 @@ def matmul_flops(record: dict, instructions: dict, computations: dict) -> float:
     lhs = _dims(instructions[record["operands"][0]]["shape"])
     contracting = _contracting(record["text"], quoted=record["opcode"] == "custom-call")
     return 2.0 * math.prod(_dims(record["shape"])) * math.prod(lhs[d] for d in contracting)
-  trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', record["text"]) if record["opcode"] == "while" else None
   inner = sum(matmul_flops(r, instructions, computations)
               for name in record["calls"] for r in computations.get(name, []))
-  return inner * (int(trips.group(1)) if trips else 1)
+  return inner * trip_count(record)
+
+
+def trip_count(record: dict) -> int:
+  """How many times a while loop runs, when XLA knows it (1 for every other instruction)."""
+  trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', record["text"]) if record["opcode"] == "while" else None
+  return int(trips.group(1)) if trips else 1
 
 
 def category(record: dict, computations: dict) -> str:
@@ -122,3 +127,40 @@ def category(record: dict, computations: dict) -> str:
   if record["opcode"] == "fusion":
     return "reduction fusion" if "reduce" in opcodes else "elementwise fusion"
   return "other"
+
+
+def _parameter_number(record: dict) -> int:
+  return int(re.match(r"\s*(\d+)", record["text"]).group(1))
+
+
+def kernel_bytes(record: dict, instructions: dict, computations: dict) -> float:
+  """Bytes a launched op reads and writes: its operands and its result, except that a fusion reads only
+  the slices its dynamic-slices take of an operand, and updates a buffer in place with a
+  dynamic-update-slice (as in a scan over stacked layers: it reads and writes the update, not the stack)."""
+  operands = [instructions[o] for o in record["operands"] if o in instructions]
+  whole = array_bytes(record["shape"]) + sum(array_bytes(o["shape"]) for o in operands)
+  if record["opcode"] != "fusion" or not record["calls"]:
+    return whole
+  body = computations.get(record["calls"][0], [])
+  users = {}
+  for inner in body:
+    for position, name in enumerate(inner["operands"]):
+      users.setdefault(name, []).append((inner, position))
+  root = next((r for r in body if r["root"]), None)
+  roots = [instructions[o] for o in root["operands"]] if root and root["opcode"] == "tuple" else [root]
+  updates = [r for r in roots if r and r["opcode"] == "dynamic-update-slice"]
+  in_place = {r["operands"][0] for r in updates}
+  moved = array_bytes(record["shape"]) - sum(
+      array_bytes(r["shape"]) - array_bytes(instructions[r["operands"][1]]["shape"]) for r in updates)
+  for parameter in (r for r in body if r["opcode"] == "parameter"):
+    number = _parameter_number(parameter)
+    if number >= len(operands):
+      continue
+    uses = users.get(parameter["name"], [])
+    if parameter["name"] in in_place and len(uses) == 1:
+      continue  # the buffer updated in place: only the update is written (counted above).
+    if uses and all(user["opcode"] == "dynamic-slice" and position == 0 for user, position in uses):
+      moved += sum(array_bytes(user["shape"]) for user, _ in uses)
+    else:
+      moved += array_bytes(operands[number]["shape"])
+  return moved

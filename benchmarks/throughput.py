@@ -31,6 +31,8 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
   parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   parser.add_argument("--dtype", default=None, help="compute dtype; default bfloat16 on gpu, float32 on cpu")
   parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument("--scan_blocks", action="store_true", help="our model with config.model.scan_blocks")
+  parser.add_argument("--remat", action="store_true", help="our model with config.model.remat")
   parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default 10 gpu, 3 cpu)")
   parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 gpu, 3 cpu)")
   parser.add_argument("--warmup", type=int, default=2)
@@ -94,7 +96,7 @@ def step_config(args):
       "schedule": "linear", "warmup_steps": 10, "grad_clip_norm": 1.0,
       "optim": {"name": "adam", "b1": 0.9, "b2": 0.999, "momentum": 0.9},
       "model": {"variant": args.variant, "dropout_rate": 0.0, "stoch_depth": 0.0, "gelu_approximate": True,
-                "dtype": args.dtype, "remat": False, "scan_blocks": False, "tokens_mlp_dim": None}})
+                "dtype": args.dtype, "remat": args.remat, "scan_blocks": args.scan_blocks, "tokens_mlp_dim": None}})
 
 
 def step_parts(args, devices=None) -> dict:
@@ -169,7 +171,8 @@ def measure_jax(args) -> dict:
   return {
       "framework": "jax", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(), "variant": args.variant, "resolution": args.resolution, "batch": args.batch,
-      "dtype": args.dtype, "train": train, "inference": infer_summary,
+      "dtype": args.dtype, "scan_blocks": args.scan_blocks, "remat": args.remat,
+      "train": train, "inference": infer_summary,
       "flops_per_image_forward": flops, "xla_flops_per_image_forward": xla_flops, "peak_tflops_measured": peak_tflops,
       "mfu_train": 3 * flops * train["images_per_s"] / (peak_tflops * 1e12),
       "mfu_inference": flops * infer_summary["images_per_s"] / (peak_tflops * 1e12),

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Params stay float32.
   config.model.tokens_mlp_dim = config_dict.placeholder(int)  # None: the variant's D_S (Table 1).
   config.model.remat = False  # recompute block activations in the backward pass: less memory.
-  config.model.scan_blocks = False  # nn.scan over blocks: faster compiles for deep models.
+  config.model.scan_blocks = False  # nn.scan over blocks: faster compiles, slower steps (README, Performance).
 
   # Initialisation from pre-trained parameters (fine-tuning); used when the workdir has no checkpoint.
   config.init = ml_collections.ConfigDict()

@@ -10,11 +10,12 @@ import pytest
 from tests.conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import compiled_cost  # noqa: E402
 import hlo  # noqa: E402
 
 
-def _entry_kernels(fn, *args):
-  instructions, entry = hlo.parse(jax.jit(fn).lower(*args).compile().as_text())
+def _entry_kernels(fn, *args, donate=()):
+  instructions, entry = hlo.parse(jax.jit(fn, donate_argnums=donate).lower(*args).compile().as_text())
   computations = hlo.bodies(instructions)
   kernels = [r for r in computations[entry] if r["opcode"] not in ("parameter", "tuple", "bitcast", "constant")]
   return kernels, instructions, computations
@@ -33,8 +34,7 @@ def test_elementwise_kernels_move_their_operands_and_outputs():
   x = jnp.ones((128, 256))
   kernels, instructions, computations = _entry_kernels(lambda x: jnp.tanh(x) * 2 + 1, x)
   (kernel,) = kernels
-  moved = hlo.array_bytes(kernel["shape"]) + sum(hlo.array_bytes(instructions[o]["shape"]) for o in kernel["operands"])
-  assert moved == 2 * x.nbytes
+  assert hlo.kernel_bytes(kernel, instructions, computations) == 2 * x.nbytes
   assert hlo.category(kernel, computations) == "elementwise fusion" and hlo.matmul_flops(
       kernel, instructions, computations) == 0
 
@@ -46,6 +46,28 @@ def test_transposes_and_reductions_are_told_apart():
   kernels, _, computations = _entry_kernels(lambda x: jnp.sum(jnp.exp(x), axis=0), x)
   assert hlo.category(kernels[0], computations) == "elementwise fusion"  # exp
   assert hlo.category(kernels[-1], computations) == "reduction fusion"  # the sum (last, the output)
+
+
+def test_a_slice_read_and_an_in_place_update_move_only_the_slice():
+  stack, row = jnp.ones((16, 1024)), jnp.ones((1, 1024))
+  (read,), instructions, computations = _entry_kernels(
+      lambda s, i: jax.lax.dynamic_slice_in_dim(s, i, 1) * 2, stack, 3)
+  assert hlo.kernel_bytes(read, instructions, computations) == 2 * row.nbytes + 4  # row in, row out, index
+  (update,), instructions, computations = _entry_kernels(
+      lambda s, r, i: jax.lax.dynamic_update_slice_in_dim(s, r * 2, i, 0), stack, row, 3, donate=(0,))
+  assert update["shape"].startswith("f32[16,1024]")  # one kernel that writes into the donated stack
+  assert hlo.kernel_bytes(update, instructions, computations) == 2 * row.nbytes + 4
+
+
+def test_compiled_cost_counts_a_loops_kernels_once_per_trip():
+  def scanned(x, w):
+    return jax.lax.scan(lambda c, w_i: (jnp.tanh(c @ w_i), None), x, w)[0]
+  text = jax.jit(scanned).lower(jnp.ones((8, 16)), jnp.ones((4, 16, 16))).compile().as_text()
+  rows = compiled_cost.kernel_costs(text)
+  (matmul,) = [r for r in rows if r["category"] == "matmul"]
+  assert matmul["launches"] == 4 and matmul["flops"] == 4 * 2 * 8 * 16 * 16
+  summary = compiled_cost.summarize(rows, peak_tflops=1.0, bandwidth_tbs=1.0, architecture_flops=matmul["flops"])
+  assert summary["kernels"] == sum(r["launches"] for r in rows) > len(rows)
 
 
 @pytest.mark.parametrize("shape,expected", [("(bf16[8,196]{1,0}, f32[])", 8 * 196 * 2 + 4), ("pred[3]", 3),
