@@ -38,11 +38,13 @@ def model_part(op_name: str) -> str:
   return f"{parts[0] if parts else 'other'} {passed}"
 
 
-def device_op_events(trace_dir: str, instructions: dict) -> list[tuple[str, float, float]]:
-  """(HLO instruction, start us, duration us) of every traced op of the compiled step.
+def device_op_events(trace_dir: str, instructions: dict) -> tuple[list[tuple[str, float, float]], dict]:
+  """(HLO instruction, start us, duration us) of every traced op of the compiled step, and
+  {name: total us} of the GPU's events that name no op of it (cuBLAS or memcpy kernels that the trace
+  does not tie to an HLO op would show up there).
 
   On a GPU only the device's own timeline counts (kernels, named by HLO op); on CPU the ops run on
-  host threads, so every thread counts.
+  host threads, so every thread counts, and host events that are not ops are left out.
   """
   paths = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
   if not paths:
@@ -52,14 +54,16 @@ def device_op_events(trace_dir: str, instructions: dict) -> list[tuple[str, floa
   events = events["traceEvents"] if isinstance(events, dict) else events
   processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   gpus = {pid for pid, name in processes.items() if name.startswith("/device:GPU")}
-  ops = []
+  ops, unmatched = [], collections.Counter()
   for event in events:
     if event.get("ph") != "X" or (gpus and event.get("pid") not in gpus):
       continue
     name = (event.get("args") or {}).get("hlo_op") or event.get("name", "")
     if name in instructions:
       ops.append((name, float(event["ts"]), float(event["dur"])))
-  return ops
+    elif gpus:
+      unmatched[name] += float(event["dur"])
+  return ops, dict(unmatched)
 
 
 def busy_time(ops: list[tuple[str, float, float]]) -> float:
@@ -71,7 +75,8 @@ def busy_time(ops: list[tuple[str, float, float]]) -> float:
   return total
 
 
-def summarize(ops, instructions: dict, steps: int, step_ms: float, train_flops: float, top: int) -> dict:
+def summarize(ops, instructions: dict, steps: int, step_ms: float, train_flops: float, top: int,
+              unmatched: dict | None = None) -> dict:
   per_op = collections.Counter()
   for name, _, duration in ops:
     per_op[name] += duration / 1e3 / steps
@@ -94,6 +99,9 @@ def summarize(ops, instructions: dict, steps: int, step_ms: float, train_flops: 
       "top_ops": [{"op": name, "ms_per_step": ms, "category": kind[name],
                    "model_part": model_part(instructions[name]["op_name"]),
                    "op_name": instructions[name]["op_name"]} for name, ms in per_op.most_common(top)],
+      "unmatched_ms_per_step": sum((unmatched or {}).values()) / 1e3 / steps,
+      "top_unmatched": [{"event": name, "ms_per_step": us / 1e3 / steps}
+                        for name, us in collections.Counter(unmatched or {}).most_common(top)],
   }
 
 
@@ -124,14 +132,14 @@ def main(argv=None):
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="mixer_profile_")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run(args.steps)
-  ops = device_op_events(trace_dir, instructions)
-  if not ops:
+  ops, unmatched = device_op_events(trace_dir, instructions)
+  if not ops and not unmatched:
     raise RuntimeError(f"the trace in {trace_dir} holds no op of the compiled step (jax {jax.__version__})")
   train_flops = 3 * args.batch * throughput.mixer_flops_per_image(args.variant, args.resolution, args.num_classes)
   result = {"variant": args.variant, "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "trace_dir": trace_dir,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            **summarize(ops, instructions, args.steps, step_ms, train_flops, args.top)}
+            **summarize(ops, instructions, args.steps, step_ms, train_flops, args.top, unmatched)}
   throughput.report(result, args.json)
 
 
