@@ -96,22 +96,38 @@ def load_npz(path: str) -> dict:
     raise ValueError(f"{path} is not a readable .npz of parameters: {type(e).__name__}: {e}") from None
 
 
-def load_orbax_params(path: str) -> tuple[int, dict]:
-  """(step, params) of the newest checkpoint of a workdir (or of its checkpoints/ folder), as numpy."""
+def restore_params(path: str, abstract_params: Any = None) -> tuple[int, Any]:
+  """(step, params) of the newest checkpoint of a workdir (or of its checkpoints/ folder).
+
+  Only the params are read, not the optimizer state (twice their size for Adam), so a run of any
+  optimizer loads. `abstract_params` gives the shapes, dtypes and shardings to restore to (a mismatch
+  is an error that lists every differing array); without it the params come back on one device, as saved.
+  """
   path = epath.Path(path)
   directory = path / "checkpoints" if (path / "checkpoints").exists() else path
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=ocp.StandardCheckpointHandler())
+                                  item_handlers=ocp.PyTreeCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no orbax checkpoint in {directory}")
   metadata = manager.item_metadata(step)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh it was saved from.
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        getattr(metadata, "tree", metadata), is_leaf=lambda m: hasattr(m, "shape"))
-  state = manager.restore(step, args=ocp.args.StandardRestore(target))
+  saved = getattr(metadata, "tree", metadata)["params"]
+  if abstract_params is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh it was saved from.
+    abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved,
+                                   is_leaf=lambda m: hasattr(m, "shape"))
+  check_shapes(path_shapes(saved), path_shapes(abstract_params), f"checkpoint {directory / str(step)}")
+  item = {"params": abstract_params}
+  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
   manager.close()
-  return step, jax.device_get(state["params"])
+  return step, restored["params"]
+
+
+def load_orbax_params(path: str) -> tuple[int, dict]:
+  """(step, params) of the newest checkpoint of a workdir (or of its checkpoints/ folder), as numpy."""
+  step, params = restore_params(path)
+  return step, jax.device_get(params)
 
 
 def load_pretrained(path: str) -> dict:

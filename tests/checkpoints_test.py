@@ -129,3 +129,23 @@ def test_orbax_workdir_and_scanned_params_load_in_the_released_layout(tmp_path):
   checkpoints.check_params(loaded, params, "workdir")
   np.testing.assert_array_equal(loaded["MixerBlock_3"]["channel_mixing"]["Dense_1"]["kernel"],
                                 params["MixerBlock_3"]["channel_mixing"]["Dense_1"]["kernel"])
+
+
+def test_params_restore_alone_onto_a_mesh_and_a_wrong_model_lists_the_arrays(tmp_path):
+  _, params, _ = _model_and_params()
+  adam_like = {"mu": params, "nu": params, "count": np.int32(3)}
+  manager = checkpoints.create_manager(str(tmp_path), small_config("unused"))
+  checkpoints.save(manager, 9, jax.device_put({"params": params, "opt_state": adam_like, "step": np.int32(9)}))
+  manager.wait_until_finished()
+  manager.close()
+  replicated = sharding.replicated(sharding.create_mesh({"data": -1, "model": 1}))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  step, restored = checkpoints.restore_params(str(tmp_path), abstract)
+  assert step == 9 and jax.tree.structure(restored) == jax.tree.structure(params)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+    assert got.sharding == replicated
+    np.testing.assert_array_equal(np.asarray(got), want)
+  _, other, _ = _model_and_params(num_classes=7)
+  wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), other)
+  with pytest.raises(ValueError, match=r"(?s)does not fit the model \(2 problems\).*head/bias has shape \(10,\)"):
+    checkpoints.restore_params(str(tmp_path / "checkpoints"), wrong)

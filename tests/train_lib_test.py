@@ -121,6 +121,10 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   s = train_lib.setup(config)
   step, params = train_lib.load_params(config, workdir, s)
   assert step == 40
+  config.optim.name = "sgd"  # only the params are read: the run's optimizer state does not matter.
+  step, sgd_params = train_lib.load_params(config, workdir, train_lib.setup(config))
+  assert step == 40 and jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, sgd_params))
+  config.optim.name = "adam"
 
   again = train_lib.train_and_evaluate(config, workdir)  # nothing left to do: no steps, no change.
   assert again["train"] == [] and again["final_step"] == 40
