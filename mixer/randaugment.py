@@ -160,18 +160,17 @@ NUM_OPS = 16
 
 
 def randaugment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
-  """Applies `num_layers` ops drawn uniformly from the 16, each with one probability in [0.2, 0.8]."""
+  """Applies `num_layers` ops drawn uniformly from the 16, each one always (as the reference: it draws a
+  probability per op but never uses it)."""
   if image.dtype != tf.uint8:
     raise ValueError(f"randaugment takes uint8 images (put it before value_range), got {image.dtype}")
-  seeds = tf.random.experimental.stateless_split(seed, num=1 + 4 * num_layers)
-  prob = tf.random.stateless_uniform([], seeds[0], 0.2, 0.8)
+  seeds = tf.random.experimental.stateless_split(seed, num=3 * num_layers)
   level = tf.constant(float(magnitude))
   for i in range(num_layers):
-    s_op, s_apply, s_sign, s_center = (seeds[1 + 4 * i + k] for k in range(4))
+    s_op, s_sign, s_center = (seeds[3 * i + k] for k in range(3))
     index = tf.random.stateless_uniform([], s_op, 0, NUM_OPS, tf.int32)
     sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
     center = tf.random.stateless_uniform([2], s_center, 0, 2**30, tf.int32)
     branches = [lambda op=op, im=image: tf.ensure_shape(op(im), im.shape) for op in _ops(level, sign, center)]
-    augmented = tf.switch_case(index, branches)
-    image = tf.where(tf.random.stateless_uniform([], s_apply) < prob, augmented, image)
+    image = tf.switch_case(index, branches)
   return image

@@ -85,6 +85,16 @@ def test_randaugment_keeps_shape_and_dtype_and_follows_the_seed():
   assert any(not np.array_equal(o, image.numpy()) for o in outs.values())
 
 
+def test_randaugment_applies_every_layer():
+  # As the reference, each of the 2 layers always applies its op: on noise, only solarize at magnitude 15
+  # (threshold above 255) leaves the image as it was, so about 1/16^2 of draws are unchanged (gating each
+  # layer with a probability in [0.2, 0.8] left about 28% unchanged).
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+  augment = tf.function(lambda seed: randaugment.randaugment(image, 2, 15, seed))
+  unchanged = sum(np.array_equal(augment(tf.constant([seed, 1])).numpy(), image.numpy()) for seed in range(200))
+  assert unchanged <= 10
+
+
 @pytest.mark.parametrize("index", range(randaugment.NUM_OPS))
 def test_each_randaugment_op_keeps_uint8_shape(index):
   image = tf.constant(np.random.default_rng(index).integers(0, 256, (24, 32, 3), dtype=np.uint8))
