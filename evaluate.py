@@ -60,14 +60,15 @@ def main(argv):
   from mixer import checkpoints, fewshot, input_pipeline, steps, train_lib
   config = FLAGS.config or load_config(FLAGS.workdir)
   s = train_lib.setup(config)
+  # Params laid out on the whole mesh by config.param_sharding, whichever way they are loaded.
+  shardings = jax.tree.map(lambda x: x.sharding, train_lib.abstract_params(config, s))
+  init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
   if FLAGS.random_init:
-    params = s.model.init(jax.random.key(config.seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
-    params, step = jax.device_put(params, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())), "init"
+    params, step = jax.device_put(init(config.seed), shardings), "init"
   elif FLAGS.checkpoint:
-    fresh = s.model.init(jax.random.key(0), jax.numpy.zeros((1,) + s.image_shape))["params"]
-    params = train_lib.init_from_pretrained(checkpoints.load_pretrained(FLAGS.checkpoint), fresh, s.model,
+    params = train_lib.init_from_pretrained(checkpoints.load_pretrained(FLAGS.checkpoint), init(0), s.model,
                                             new_head=not FLAGS.top1, source=FLAGS.checkpoint)
-    params, step = jax.device_put(params, jax.tree.map(lambda x: x.sharding, fresh)), FLAGS.checkpoint
+    params, step = jax.device_put(params, shardings), FLAGS.checkpoint
   else:
     step, params = train_lib.load_params(config, FLAGS.workdir, s)
   params_sharding = jax.tree.map(lambda x: x.sharding, params)
@@ -76,7 +77,8 @@ def main(argv):
     split = FLAGS.split or config.eval_split
     eval_step = steps.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
     results.update(split=split, **steps.evaluate(
-        eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split)))
+        eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split),
+        sync_every=config.sync_every_steps))
     print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
           f"{results['top1']:.4f}")
   if FLAGS.fewshot:

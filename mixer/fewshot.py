@@ -57,14 +57,19 @@ def linear_regression_accuracy(support: np.ndarray, support_labels: np.ndarray, 
                               jnp.float32(l2_reg)))
 
 
-def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None):
-  """(features, labels, indices) of every real example in `batches`, gathered from all processes."""
+def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None, sync_every: int = 16):
+  """(features, labels, indices) of every real example in `batches`, gathered from all processes.
+
+  Waits for the device every `sync_every` batches (XLA:CPU meshes deadlock with too many in flight).
+  """
   if progress:
     from tqdm import tqdm
     batches = tqdm(batches, desc=progress, leave=False, disable=jax.process_index() > 0)
   outputs = []
-  for batch in batches:
+  for i, batch in enumerate(batches, 1):
     outputs.append((features_fn(params, batch["image"]), batch["label"], batch["index"], batch["mask"]))
+    if i % sync_every == 0:
+      jax.block_until_ready(outputs[-1][0])
   features, labels, indices, mask = (np.concatenate([np.asarray(multihost_utils.process_allgather(o[i], tiled=True))
                                                      for o in outputs]) for i in range(4))
   keep = mask > 0

@@ -139,12 +139,18 @@ def make_eval_step(config, model, num_classes: int, params_sharding, mesh):
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(eval_step, params, batches: Iterator) -> dict[str, float]:
-  """Top-1 and mean loss over every example the batches hold (padding masked out)."""
+def evaluate(eval_step, params, batches: Iterator, sync_every: int = 16) -> dict[str, float]:
+  """Top-1 and mean loss over every example the batches hold (padding masked out).
+
+  Waits for the device every `sync_every` batches: XLA:CPU meshes deadlock with too many steps in
+  flight (ENVIRONMENT.md), and the host should not run unboundedly ahead anyway.
+  """
   totals = None
-  for batch in batches:
+  for i, batch in enumerate(batches, 1):
     sums = eval_step(params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if i % sync_every == 0:
+      jax.block_until_ready(totals)
   totals = jax.device_get(totals)
   return {"top1": float(totals["correct"] / totals["count"]), "loss": float(totals["loss"] / totals["count"]),
           "num_examples": int(totals["count"])}

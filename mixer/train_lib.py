@@ -237,7 +237,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         jax.block_until_ready(metrics)
       if step % config.eval_every_steps == 0 or step == num_steps:
         results = steps.evaluate(eval_step, state.params,
-                                 input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))
+                                 input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh),
+                                 sync_every=config.sync_every_steps)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
         logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
         history["eval"].append({"step": step, **results})
@@ -276,14 +277,18 @@ def _stack(metrics: list[dict]) -> dict:
   return {k: jnp.stack([m[k] for m in metrics]) for k in metrics[0]}
 
 
+def abstract_params(config, s: Setup):
+  """Shapes, dtypes and shardings (config.param_sharding on the setup's mesh) of the model's params."""
+  shapes = {"params": jax.eval_shape(
+      lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape, jnp.float32))["params"])}
+  shardings = sharding.tree_shardings(shapes, s.mesh, sharding.parse_rules(config.param_sharding))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)["params"]
+
+
 def load_params(config, workdir: str, s: Setup):
   """The params of the newest checkpoint in workdir, laid out on the setup's mesh by config.param_sharding.
 
   Only the params are read (not the optimizer state), so evaluation needs a third of a full restore's
   memory with Adam, and evaluates runs of any optimizer.
   """
-  shapes = {"params": jax.eval_shape(
-      lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape, jnp.float32))["params"])}
-  shardings = sharding.tree_shardings(shapes, s.mesh, sharding.parse_rules(config.param_sharding))
-  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
-  return checkpoints.restore_params(workdir, abstract["params"])
+  return checkpoints.restore_params(workdir, abstract_params(config, s))

@@ -1,6 +1,7 @@
 """train.py and evaluate.py as a user runs them: overrides, resume, and the same top-1 twice."""
 
 import glob
+import os
 import re
 import subprocess
 import sys
@@ -14,8 +15,9 @@ pytestmark = pytest.mark.slow
 FINAL = r"Final test top-1 \(digits:test, step {step}, 359 examples\): ([0-9.]+)"
 
 
-def _run(*args):
-  result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+def _run(*args, env=None):
+  result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **(env or {})))
   assert result.returncode == 0, result.stderr[-5000:]
   return result.stdout + result.stderr
 
@@ -37,6 +39,12 @@ def test_train_resume_and_evaluate(data_dir, tmp_path):
   evaluated = re.search(r"Test top-1 \(digits:test, step 50, 359 examples\): ([0-9.]+)", out)
   assert trained and evaluated, out[-3000:]
   assert evaluated.group(1) == trained.group(1)
+
+  # The same checkpoint through --checkpoint, on a 2-device mesh: the params are laid out on the mesh.
+  out = _run("evaluate.py", f"--workdir={workdir}", f"--checkpoint={workdir}",
+             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  again = re.search(r"Test top-1 \(digits:test, step .*w, 359 examples\): ([0-9.]+)", out)
+  assert again and again.group(1) == trained.group(1), out[-3000:]
 
 
 def test_evaluate_without_a_run_names_the_missing_file(tmp_path):
