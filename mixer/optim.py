@@ -20,9 +20,10 @@ def create_schedule(config, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
-def _decay_mask(params):
-  """Weight decay applies to kernels (ndim > 1), not to biases and LayerNorm scales."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params):
+  """Weight decay applies to kernels, not to biases and LayerNorm scales: by name, because the stacked
+  params of model.scan_blocks give every block's bias and scale a leading (block) axis too."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -31,9 +32,9 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
   if name == "adam":
     # optax.adamw decays by lr * weight_decay * param, as the paper's (legacy flax.optim) Adam did.
     opt = optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
-                      weight_decay=config.weight_decay, mask=_decay_mask)
+                      weight_decay=config.weight_decay, mask=decay_mask)
   elif name == "sgd":
-    opt = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+    opt = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
                       optax.sgd(schedule, momentum=config.optim.momentum))
   else:
     raise ValueError(f"config.optim.name={name!r} is not one of adam, sgd")

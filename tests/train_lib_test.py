@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer import input_pipeline, optim, steps, train_lib
+from mixer import checkpoints, input_pipeline, models, optim, steps, train_lib
 from tests.conftest import run_python, small_config
 
 
@@ -184,3 +184,15 @@ def test_eight_devices_give_the_same_loss_curve_as_one(data_dir, tmp_path):
 def test_batch_not_divisible_by_devices_fails_at_start(data_dir, tmp_path):
   with pytest.raises(AssertionError, match=r"config.batch_size=36 is not a positive multiple of the 8 devices"):
     _train_in_subprocess(data_dir, str(tmp_path), devices=8, batch_size=36)
+
+
+def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
+  config = small_config("unused")
+  params = models.create_model(config.model, 10).init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+  decayed = {k for k, v in checkpoints.flatten(optim.decay_mask(params)).items() if v}
+  assert decayed and all(k.endswith("/kernel") for k in decayed)
+  assert "MixerBlock_0/token_mixing/Dense_0/kernel" in decayed and "MixerBlock_0/LayerNorm_0/scale" not in decayed
+  # Stacked blocks ([blocks, ...] leaves, so biases and scales are 2-D): the same parameters decay.
+  scanned = checkpoints.flatten(optim.decay_mask(models.stack_blocks(params)))
+  assert {k.removeprefix("MixerBlocks/block/") for k, v in scanned.items() if v and k.startswith("MixerBlocks")} == {
+      k.removeprefix("MixerBlock_0/") for k in decayed if k.startswith("MixerBlock_0/")}
