@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from mixer import input_pipeline
@@ -92,11 +93,12 @@ def make_features_fn(model, params_sharding, mesh):
 def run(fewshot_config, model, params, params_sharding, mesh, data_dir=None, progress: bool = False) -> dict:
   """Few-shot top-1 per dataset and shot count, averaged over seeds; per-seed values beside them.
 
-  Returns {dataset: {shots: mean accuracy}} under "mean", and {dataset: {shots: [per seed]}} under "seeds".
+  Returns {dataset: {shots: mean accuracy}} under "mean", {dataset: {shots: [per seed]}} under "seeds", and
+  {dataset: [shots]} under "skipped": the shot counts that a class of the dataset's train split cannot supply.
   """
   import tensorflow_datasets as tfds
   features_fn = make_features_fn(model, params_sharding, mesh)
-  means, per_seed = {}, {}
+  means, per_seed, skipped = {}, {}, {}
   for name, (tfds_name, train_split, test_split) in fewshot_config.datasets.items():
     builder = tfds.builder(tfds_name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -104,8 +106,18 @@ def run(fewshot_config, model, params, params_sharding, mesh, data_dir=None, pro
       builder = tfds.builder(tfds_name, data_dir=data_dir)
     num_classes = builder.info.features["label"].num_classes
     labels = input_pipeline.read_labels(builder, train_split)
+    # A shot count that some class cannot supply (Flowers-102 has 10 train images per class) is left out
+    # for this dataset, with a warning and a record under "skipped", not an error that loses every result.
+    smallest = int(np.bincount(labels, minlength=num_classes).min())
+    shot_counts = [shots for shots in fewshot_config.shots if shots <= smallest]
+    if len(shot_counts) < len(fewshot_config.shots):
+      skipped[name] = [shots for shots in fewshot_config.shots if shots > smallest]
+      logging.warning("Few-shot %s: skipping %s shots, its smallest class has %d %s examples", name,
+                      skipped[name], smallest, train_split)
     supports = {(shots, seed): sample_support(labels, shots, seed, num_classes)
-                for shots in fewshot_config.shots for seed in range(fewshot_config.seeds)}
+                for shots in shot_counts for seed in range(fewshot_config.seeds)}
+    if not supports:
+      continue
     needed = np.unique(np.concatenate(list(supports.values())))
     pp = fewshot_config.pp
     train = extract(features_fn, params, input_pipeline.selection_iterator(
@@ -116,7 +128,7 @@ def run(fewshot_config, model, params, params_sharding, mesh, data_dir=None, pro
         progress=f"{name} {test_split} features" if progress else None)
     position = {index: row for row, index in enumerate(train[2])}
     means[name], per_seed[name] = {}, {}
-    for shots in fewshot_config.shots:
+    for shots in shot_counts:
       accuracies = []
       for seed in range(fewshot_config.seeds):
         rows = [position[i] for i in supports[(shots, seed)]]
@@ -124,7 +136,7 @@ def run(fewshot_config, model, params, params_sharding, mesh, data_dir=None, pro
                                                      num_classes, fewshot_config.l2_reg))
       per_seed[name][shots] = accuracies
       means[name][shots] = float(np.mean(accuracies))
-  return {"mean": means, "seeds": per_seed}
+  return {"mean": means, "seeds": per_seed, "skipped": skipped}
 
 
 def scalars(results: dict) -> dict[str, float]:
@@ -138,7 +150,8 @@ def table(results: dict) -> str:
   shots = sorted({s for by_shots in results["mean"].values() for s in by_shots}, key=int)
   lines = [f"{'dataset':20}" + "".join(f"{f'{s}-shot':>10}" for s in shots)]
   for name, by_shots in results["mean"].items():
-    lines.append(f"{name:20}" + "".join(f"{100 * by_shots[s]:10.2f}" for s in shots))
+    lines.append(f"{name:20}" + "".join(f"{100 * by_shots[s]:10.2f}" if s in by_shots else f"{'-':>10}"
+                                        for s in shots))
   return "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ def test_sampling_takes_exactly_n_per_class_deterministically():
 
 def test_run_on_digits_returns_means_and_seeds(data_dir):
   config = small_config(data_dir)
-  config.fewshot.shots, config.fewshot.seeds = (1, 5), 2
+  config.fewshot.shots, config.fewshot.seeds = (1, 5, 1000), 2  # no digit has 1000 training examples.
   s = train_lib.setup(config)
   params = jax.device_put(s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape))["params"])
   results = fewshot.run(config.fewshot, s.model, params, jax.tree.map(lambda x: x.sharding, params), s.mesh,
@@ -67,6 +67,7 @@ def test_run_on_digits_returns_means_and_seeds(data_dir):
   assert results["mean"]["digits"][5] == pytest.approx(np.mean(results["seeds"]["digits"][5]))
   assert 0.3 < results["mean"]["digits"][5] <= 1.0  # random features already beat chance (0.1).
   assert "digits" in fewshot.table(results) and "fewshot/digits_5shot" in fewshot.scalars(results)
+  assert results["skipped"] == {"digits": [1000]} and "1000-shot" not in fewshot.table(results)
 
 
 def _five_shot(args):
