@@ -31,6 +31,11 @@ def finetune_config(arg: str, dataset: str, steps: int, train_split: str = "trai
   config.pp_train = f"decode(channels=3)|inception_crop({resolution})|flip_lr|value_range(-1, 1)"
   eval_resize = resolution * 256 // 224
   config.pp_eval = f"decode(channels=3)|resize({eval_resize})|central_crop({resolution})|value_range(-1, 1)"
+  # evaluate.py --fewshot on a fine-tuned model: the paper's small few-shot datasets, at its resolution.
+  config.fewshot.datasets = {"cifar10": ("cifar10", "train", "test"), "cifar100": ("cifar100", "train", "test"),
+                             "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
+                             "oxford_flowers102": ("oxford_flowers102", "train", "test")}
+  config.fewshot.pp = f"decode(channels=3)|resize({resolution})|value_range(-1, 1)"
   config.shuffle_buffer = 50_000
   config.batch_size = 512  # Sec. 3.
   config.eval_batch_size = 512

@@ -166,9 +166,10 @@ class MlpMixer(nn.Module):
 
 def create_model(model_config, num_classes: int | None) -> MlpMixer:
   """Builds the MlpMixer that a `config.model` ConfigDict describes."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # float16 would need loss scaling: not offered.
   if model_config.dtype not in dtypes:
-    raise ValueError(f"config.model.dtype={model_config.dtype!r} is not one of {', '.join(dtypes)}")
+    raise ValueError(f"config.model.dtype={model_config.dtype!r} is not one of {', '.join(dtypes)} "
+                     f"(float16 gradients underflow without loss scaling; use bfloat16)")
   for key in ("dropout_rate", "stoch_depth"):
     if not 0.0 <= model_config[key] < 1.0:
       raise ValueError(f"config.model.{key}={model_config[key]} is not in [0, 1)")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mixer import models, train_lib
+from mixer import models, preprocess, train_lib
 from tests.conftest import REPO
 
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -23,6 +23,15 @@ def test_config_loads_and_validates(name):
   models.variant_kwargs(config.model.variant)
   if config.dataset == "digits":  # CPU runs must stay clear of XLA:CPU's in-flight deadlock.
     assert config.sync_every_steps <= 16
+  # Few-shot images come in the shape the model is trained on (channels and resolution).
+  assert _output_shape(config.fewshot.pp) == _output_shape(config.pp_eval)
+
+
+def _output_shape(pp: str) -> tuple:
+  import numpy as np
+  import tensorflow as tf
+  image = tf.io.encode_png(np.zeros((300, 400, 3), np.uint8))
+  return tuple(preprocess.get_preprocess_fn(pp)({"image": image, "label": 0})["image"].shape)
 
 
 def test_b16_imagenet_is_the_papers_recipe():

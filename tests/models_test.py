@@ -219,6 +219,8 @@ def test_image_size_not_multiple_of_patch_is_an_error():
 def test_bad_model_config_values_name_the_key():
   with pytest.raises(ValueError, match=r"config\.model\.dtype='float8'"):
     _tiny(dtype="float8")
+  with pytest.raises(ValueError, match=r"config\.model\.dtype='float16'.*loss scaling"):
+    _tiny(dtype="float16")
   with pytest.raises(ValueError, match=r"config\.model\.stoch_depth=1.5"):
     _tiny(stoch_depth=1.5)
 
