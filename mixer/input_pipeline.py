@@ -179,7 +179,9 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def _train_epoch(config, builder, epoch: int, skip_batches: int) -> tf.data.Dataset:
+def _train_epoch(config, builder, epoch: int, skip_batches: int, per_epoch: int) -> tf.data.Dataset:
+  """This process's batches of one epoch from batch `skip_batches` on: `per_epoch` in all, on every process
+  (processes may hold more examples than the smallest one; their extra batches are dropped)."""
   batch = local_batch_size(config.batch_size)
   seed = [config.seed, epoch]
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
@@ -197,7 +199,7 @@ def _train_epoch(config, builder, epoch: int, skip_batches: int) -> tf.data.Data
     return {"image": features["image"], "label": labels(example), "position": index}
 
   ds = _bad_image_policy(config, ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE))
-  return ds.batch(batch, drop_remainder=True).with_options(_options())
+  return ds.batch(batch, drop_remainder=True).take(per_epoch - skip_batches).with_options(_options())
 
 
 def _bad_image_policy(config, ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -234,7 +236,7 @@ def train_iterator(config, builder, info: DatasetInfo, mesh, start_step: int = 0
     epoch, skip = divmod(start_step, per_epoch)
     skipped = 0
     while True:
-      ds = _train_epoch(config, builder, epoch, skip).prefetch(tf.data.AUTOTUNE)
+      ds = _train_epoch(config, builder, epoch, skip, per_epoch).prefetch(tf.data.AUTOTUNE)
       last = skip * batch - 1  # the position before this epoch's first example
       for local in _numpy_batches(config, ds, train_split(config)):
         position = local.pop("position")

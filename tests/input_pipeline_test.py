@@ -73,6 +73,16 @@ def test_resume_sees_the_same_batches_across_epochs(data_dir, mesh):
   assert not np.array_equal(straight[0]["label"], straight[per_epoch]["label"])
 
 
+def test_an_epoch_is_the_same_number_of_batches_on_every_process(data_dir):
+  # A process may hold more examples than the smallest one (uneven splits, label_subset); it still
+  # yields steps_per_epoch batches, so that all processes start each epoch at the same step.
+  config = small_config(data_dir, batch_size=64)
+  builder, info = _setup(config)
+  full = input_pipeline.steps_per_epoch(config, info)
+  assert sum(1 for _ in input_pipeline._train_epoch(config, builder, 0, 0, full)) == full
+  assert sum(1 for _ in input_pipeline._train_epoch(config, builder, 0, 2, full - 3)) == full - 5
+
+
 def test_each_epoch_visits_distinct_examples(data_dir, mesh):
   config = small_config(data_dir, batch_size=64)
   builder, info = _setup(config)
