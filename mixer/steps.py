@@ -113,9 +113,13 @@ def make_train_step(config, model, tx, schedule, num_classes: int, state_shardin
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if config.nan_policy == "skip":  # keep the old params and optimizer state for this batch.
+    if config.nan_policy == "skip":
+      # Keep the old params and optimizer moments for this batch, but advance the optimizer's step counts,
+      # so that the learning-rate schedule stays a function of the train step.
       keep = lambda new, old: jnp.where(finite, new, old)
-      params, opt_state = jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state)
+      keep_moments = lambda path, new, old: new if getattr(path[-1], "name", None) == "count" else keep(new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree_util.tree_map_with_path(keep_moments, opt_state, state.opt_state)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), "nonfinite": 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
