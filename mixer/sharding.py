@@ -55,7 +55,20 @@ def create_mesh(mesh_config, devices=None) -> Mesh:
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} needs {np.prod(sizes)} devices, "
                      f"there are {devices.size}")
   # Auto axes: jit's partitioner propagates shardings from the NamedShardings we give it (pjit style).
-  return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices.tolist())
+  mesh = jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices.tolist())
+  check_data_shards_per_process(mesh.devices, dict(zip(AXES, sizes, strict=True)))
+  return mesh
+
+
+def check_data_shards_per_process(devices: np.ndarray, sizes: dict) -> None:
+  """Each process reads its own examples, so the devices of one data shard (a row along 'model') must all
+  belong to one process; otherwise "replicated" copies would hold different examples."""
+  rows = np.moveaxis(devices, AXES.index("data"), 0).reshape(devices.shape[AXES.index("data")], -1)
+  for row in rows:
+    processes = sorted({d.process_index for d in row})
+    if len(processes) > 1:
+      raise ValueError(f"config.mesh={sizes}: one data shard spans the devices of processes {processes}; "
+                       f"make the 'model' axis fit in one process's {len(row) // len(processes)} devices")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

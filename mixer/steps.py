@@ -76,6 +76,11 @@ def correct_at_1(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=1)[:, 0] > 0
 
 
+def train_correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """correct_at_1 on training targets: of a mixup-mixed example only the dominant label (weight >= 1/2)."""
+  return correct_at_1(logits, (targets > 0) & (targets >= jnp.max(targets, axis=-1, keepdims=True)))
+
+
 def make_train_step(config, model, tx, schedule, num_classes: int, state_sharding, mesh):
   """(state, batch, rng) -> (state, metrics), jitted over the mesh with the state donated.
 
@@ -89,7 +94,7 @@ def make_train_step(config, model, tx, schedule, num_classes: int, state_shardin
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
       return jnp.mean(loss_fn(logits, targets)), logits
     (loss, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
-    return grads, loss, jnp.mean(correct_at_1(logits, targets))
+    return grads, loss, jnp.mean(train_correct(logits, targets))
 
   def train_step(state, batch, rng):
     mixup_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))

@@ -23,9 +23,12 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     if config[key] <= 0 or config[key] % num_devices or config[key] % num_processes:
       raise ValueError(f"config.{key}={config[key]} is not a positive multiple of the "
                        f"{num_devices} devices (and {num_processes} processes)")
-  if config.grad_accum_steps <= 0 or (config.batch_size // num_devices) % config.grad_accum_steps:
-    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} does not divide the per-device batch "
-                     f"{config.batch_size // num_devices} (config.batch_size={config.batch_size})")
+  model_size = config.mesh.get("model", 1)  # each data shard's rows are split into the micro-batches.
+  data_size = num_devices // model_size if model_size > 0 and num_devices % model_size == 0 else num_devices
+  if config.grad_accum_steps <= 0 or (config.batch_size // data_size) % config.grad_accum_steps:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} does not divide the batch of each of "
+                     f"the {data_size} data shards, {config.batch_size // data_size} "
+                     f"(config.batch_size={config.batch_size})")
   sharding.parse_rules(config.param_sharding)
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.nan_policy={config.nan_policy!r} is not one of stop, skip")

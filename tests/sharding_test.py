@@ -2,6 +2,7 @@
 parameter layout (data parallel, FSDP, FSDP + tensor parallel) on 8 simulated CPU devices."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -34,6 +35,15 @@ def test_mesh_sizes_are_checked():
     sharding.create_mesh({"data": 2, "model": 2})
   with pytest.raises(ValueError, match=r"config.mesh=.*needs 1 devices, there are 3"):
     sharding.create_mesh({"data": 1, "model": 1}, devices=[object()] * 3)
+
+
+def test_a_data_shard_must_not_span_processes():
+  # Devices as the mesh holds them, [data, model], for 2 hosts of 2 devices each (as jax lists them).
+  host = lambda p: types.SimpleNamespace(process_index=p)
+  devices = np.array([[host(0), host(0)], [host(1), host(1)]], dtype=object)
+  sharding.check_data_shards_per_process(devices, {"data": 2, "model": 2})  # model within a host: fine.
+  with pytest.raises(ValueError, match=r"config.mesh=\{'data': 2, 'model': 2\}: one data shard spans .* \[0, 1\]"):
+    sharding.check_data_shards_per_process(devices.T, {"data": 2, "model": 2})
 
 
 _LAYOUTS = """

@@ -78,6 +78,10 @@ def test_multilabel_targets_and_precision_at_1():
   logits = jnp.array([[0.0, 5.0, 1.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
   np.testing.assert_array_equal(steps.correct_at_1(logits, targets), [False, True])
   np.testing.assert_array_equal(steps.to_targets(jnp.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
+  # Training accuracy: a mixup-mixed example counts only its dominant label; multi-label ones every label.
+  mixed = jnp.array([[0.0, 0.7, 0.3, 0.0], [0.0, 0.7, 0.3, 0.0], [1.0, 0.0, 1.0, 0.0]])
+  logits = jnp.array([[0.0, 0.0, 5.0, 0.0], [0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+  np.testing.assert_array_equal(steps.train_correct(logits, mixed), [False, True, True])
 
 
 def test_losses_match_their_definitions():
@@ -136,13 +140,22 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
     ("model.variant", "Q/16", r"config.model.variant='Q/16'"),
     ("loss", "hinge", r"config.loss='hinge'"),
     ("log_every_steps", 0, r"config.log_every_steps=0"),
-    ("grad_accum_steps", 3, r"config.grad_accum_steps=3 does not divide the per-device batch 4"),
+    ("grad_accum_steps", 3, r"config.grad_accum_steps=3 does not divide the batch of each of the 8 data shards, 4"),
     ("param_sharding", "embed=rows", r"config.param_sharding='embed=rows'"),
 ])
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})
   with pytest.raises(ValueError, match=match):
     train_lib.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_gradient_accumulation_splits_each_data_shard():
+  # 8 devices as 4 data shards x 2 model: each shard's 2 rows split into 2 micro-batches of 1.
+  config = small_config("unused", batch_size=8, grad_accum_steps=2, mesh={"data": 4, "model": 2})
+  train_lib.validate_config(config, num_devices=8, num_processes=1)
+  with pytest.raises(ValueError, match=r"config.grad_accum_steps=4 does not divide the batch of each of the 4"):
+    train_lib.validate_config(small_config("unused", batch_size=8, grad_accum_steps=4,
+                                           mesh={"data": 4, "model": 2}), num_devices=8, num_processes=1)
 
 
 def test_bad_optimizer_and_schedule_name_the_key():
