@@ -146,10 +146,15 @@ def _labels(config, multilabel: bool):
 
 
 def image_shape(config, builder) -> tuple[int, ...]:
-  """The shape of one image after the eval preprocessing: the model's input shape."""
-  pp = preprocess.get_preprocess_fn(config.pp_eval)
+  """The shape of one image after the eval preprocessing: the model's input shape (the training
+  preprocessing must give the same)."""
   example = next(iter(_read(builder, config.eval_split, autocache=False).take(1)))
-  return tuple(pp({"image": example["image"]})["image"].shape)
+  shape = tuple(preprocess.get_preprocess_fn(config.pp_eval)({"image": example["image"]})["image"].shape)
+  train = preprocess.get_preprocess_fn(config.pp_train)({"image": example["image"], "rng": tf.constant([0, 0])})
+  if tuple(train["image"].shape) != shape:
+    raise ValueError(f"config.pp_train gives images of shape {tuple(train['image'].shape)}, config.pp_eval "
+                     f"{shape}: the model takes one shape")
+  return shape
 
 
 def _read(builder, split: str, shuffle_seed=None, autocache: bool = True, process=None) -> tf.data.Dataset:

@@ -99,8 +99,12 @@ def central_crop(size: int) -> Op:
   def op(features):
     image = features["image"]
     h, w = tf.shape(image)[0], tf.shape(image)[1]
+    check = tf.debugging.assert_greater_equal(tf.minimum(h, w), size, message=(
+        f"central_crop({size}) got an image smaller than {size}x{size}: resize it first"))
+    with tf.control_dependencies([check] if check is not None else []):  # (None when eager: it has run)
+      image = tf.identity(image)
     top, left = (h - size) // 2, (w - size) // 2
-    features["image"] = image[top:top + size, left:left + size]
+    features["image"] = tf.ensure_shape(image[top:top + size, left:left + size], [size, size, None])
     return features
   return op
 
@@ -161,6 +165,7 @@ def pixel_shuffle(seed: int = 0) -> Op:
 OPS = {fn.__name__: fn for fn in (decode, inception_crop, decode_jpeg_and_inception_crop, resize,
                                   resize_small, central_crop, flip_lr, randaugment, value_range, patch_shuffle,
                                   pixel_shuffle)}
+RANDOM_OPS = {"inception_crop", "decode_jpeg_and_inception_crop", "flip_lr", "randaugment"}  # draw from "rng"
 
 
 def _parse_op(spec: str) -> Op:
@@ -181,10 +186,14 @@ def _parse_op(spec: str) -> Op:
 
 def get_preprocess_fn(spec: str) -> Op:
   """Parses "op1|op2(args)|..." into one function on a features dict."""
-  ops = [_parse_op(s) for s in spec.split("|") if s.strip()]
+  specs = [s.strip() for s in spec.split("|") if s.strip()]
+  ops = [_parse_op(s) for s in specs]
   def fn(features):
     features = dict(features)
-    for op in ops:
+    for name, op in zip(specs, ops, strict=True):
+      if name.split("(")[0] in RANDOM_OPS and "rng" not in features:
+        raise ValueError(f"preprocessing op {name} is random, but {spec!r} runs without a seed: evaluation "
+                         f"pipelines (config.pp_eval, config.fewshot.pp) must be deterministic")
       features = op(features)
     return features
   return fn

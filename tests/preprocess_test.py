@@ -75,6 +75,18 @@ def test_bad_pipeline_strings_name_the_op(spec, message):
     preprocess.get_preprocess_fn(spec)
 
 
+def test_random_op_in_an_eval_pipeline_and_a_too_small_crop_are_named():
+  image = tf.io.encode_png(np.zeros((20, 30, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"preprocessing op flip_lr is random.*config.pp_eval"):
+    preprocess.get_preprocess_fn("decode|flip_lr")({"image": image})
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"central_crop\(24\) got an image smaller than 24x24"):
+    preprocess.get_preprocess_fn("decode|central_crop(24)")({"image": image})
+  crop = tf.data.Dataset.from_tensors({"image": image}).map(preprocess.get_preprocess_fn("decode|central_crop(24)"))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"central_crop\(24\)"):
+    next(iter(crop))
+  assert preprocess.get_preprocess_fn("decode|central_crop(16)")({"image": image})["image"].shape == (16, 16, 3)
+
+
 def test_randaugment_keeps_shape_and_dtype_and_follows_the_seed():
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
   outs = {seed: _run("randaugment(2, 15)", image, (seed, 0)) for seed in range(8)}
