@@ -57,6 +57,10 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"prepare {config.dataset}")
       builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+      if not builder.is_prepared():  # process 0 prepared it in a data_dir that this process does not see.
+        raise FileNotFoundError(
+            f"config.dataset={config.dataset!r}: process 0 prepared it in data_dir={builder.data_dir!r}, which "
+            f"process {jax.process_index()} does not see; set --config.data_dir to a directory all hosts share")
     else:
       raise FileNotFoundError(
           f"config.dataset={config.dataset!r} is not prepared in data_dir={builder.data_dir!r}. "
