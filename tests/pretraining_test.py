@@ -75,6 +75,8 @@ def test_imagenet21k_reads_class_tars_and_folders(tmp_path):
   (root / "n0003").mkdir()
   for i in range(6):
     (root / "n0003" / f"n0003_{i}.JPEG").write_bytes(_jpeg(i))
+  png = tf.io.encode_png(np.full((6, 6, 3), 77, np.uint8)).numpy()
+  (root / "n0003" / "n0003_9.JPEG").write_bytes(png)  # a PNG named .JPEG: stored re-encoded as JPEG.
   (root / "README.txt").write_text("not a class")
   synsets = imagenet21k.list_synsets(str(root))
   assert synsets == ["n0001", "n0002", "n0003"]
@@ -83,9 +85,12 @@ def test_imagenet21k_reads_class_tars_and_folders(tmp_path):
   builder = tfds.builder("imagenet21k/fall11", data_dir=str(tmp_path / "data"))
   held_out = list(builder._generate_examples(str(root), synsets, held_out=True))
   train = list(builder._generate_examples(str(root), synsets, held_out=False))
-  assert len(held_out) == 3 * imagenet21k.HELD_OUT_PER_CLASS and len(train) == 19 - len(held_out)
+  assert len(held_out) == 3 * imagenet21k.HELD_OUT_PER_CLASS and len(train) == 20 - len(held_out)
   assert {k for k, _ in held_out}.isdisjoint(k for k, _ in train)
   assert sorted({ex["label"] for _, ex in train}) == [0, 1, 2]
+  stored = dict(train)["n0003_9.JPEG"]["image"].getvalue()
+  decoded = tf.io.decode_jpeg(stored).numpy()  # JPEG now: what decode_jpeg_and_inception_crop reads.
+  assert decoded.shape == (6, 6, 3) and abs(int(decoded.mean()) - 77) <= 1
 
 
 def test_imagenet21k_says_how_to_prepare(tmp_path):

@@ -61,7 +61,17 @@ class Imagenet21k(tfds.core.GeneratorBasedBuilder):
     for label, synset in enumerate(synsets):
       for i, (name, data) in enumerate(read_class(root, synset)):
         if (i < HELD_OUT_PER_CLASS) == held_out:
-          yield name, {"image": io.BytesIO(data), "label": label, "file_name": name}
+          yield name, {"image": io.BytesIO(as_jpeg(data)), "label": label, "file_name": name}
+
+
+def as_jpeg(data: bytes) -> bytes:
+  """The image as JPEG bytes: tfds stores the file's bytes as they are, and the training pipeline's
+  decode_jpeg_and_inception_crop reads JPEG only, so another format (a PNG named .JPEG, as ImageNet-1k
+  has) is re-encoded, as tfds's imagenet2012 builder does."""
+  if data[:3] == b"\xff\xd8\xff":
+    return data
+  import tensorflow as tf
+  return tf.io.encode_jpeg(tf.io.decode_image(data, channels=3, expand_animations=False), quality=100).numpy()
 
 
 def list_synsets(root: str) -> list[str]:
