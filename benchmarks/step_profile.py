@@ -133,8 +133,10 @@ def main(argv=None):
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run(args.steps)
   ops, unmatched = device_op_events(trace_dir, instructions)
-  if not ops and not unmatched:
-    raise RuntimeError(f"the trace in {trace_dir} holds no op of the compiled step (jax {jax.__version__})")
+  if not ops:
+    names = sorted(unmatched, key=unmatched.get, reverse=True)[:10]
+    raise RuntimeError(f"the trace in {trace_dir} holds no op of the compiled step (jax {jax.__version__}); "
+                       f"its longest device events: {names}")
   train_flops = 3 * args.batch * throughput.mixer_flops_per_image(args.variant, args.resolution, args.num_classes)
   result = {"variant": args.variant, "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "trace_dir": trace_dir,

@@ -50,22 +50,22 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset: {e}") from None
-  if not builder.is_prepared():
-    if config.dataset in datasets.EMBEDDED:
-      if jax.process_index() == 0:
-        builder.download_and_prepare()
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"prepare {config.dataset}")
-      builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-      if not builder.is_prepared():  # process 0 prepared it in a data_dir that this process does not see.
-        raise FileNotFoundError(
-            f"config.dataset={config.dataset!r}: process 0 prepared it in data_dir={builder.data_dir!r}, which "
-            f"process {jax.process_index()} does not see; set --config.data_dir to a directory all hosts share")
-    else:
+  if config.dataset in datasets.EMBEDDED:
+    # Every process takes the same path (one sync), whichever of them already sees the data.
+    if jax.process_index() == 0 and not builder.is_prepared():
+      builder.download_and_prepare()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"prepare {config.dataset}")
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    if not builder.is_prepared():  # process 0 prepared it in a data_dir that this process does not see.
       raise FileNotFoundError(
-          f"config.dataset={config.dataset!r} is not prepared in data_dir={builder.data_dir!r}. "
-          f"Prepare it once with `tfds build {config.dataset} --data_dir=DIR` (ImageNet needs its "
-          f"archives in DIR/downloads/manual first) and pass --config.data_dir=DIR.")
+          f"config.dataset={config.dataset!r}: process 0 prepared it in data_dir={builder.data_dir!r}, which "
+          f"process {jax.process_index()} does not see; set --config.data_dir to a directory all hosts share")
+  elif not builder.is_prepared():
+    raise FileNotFoundError(
+        f"config.dataset={config.dataset!r} is not prepared in data_dir={builder.data_dir!r}. "
+        f"Prepare it once with `tfds build {config.dataset} --data_dir=DIR` (ImageNet needs its "
+        f"archives in DIR/downloads/manual first) and pass --config.data_dir=DIR.")
   return builder
 
 
@@ -154,9 +154,11 @@ def image_shape(config, builder) -> tuple[int, ...]:
   preprocessing must give the same)."""
   example = next(iter(_read(builder, config.eval_split, autocache=False).take(1)))
   shape = tuple(preprocess.get_preprocess_fn(config.pp_eval)({"image": example["image"]})["image"].shape)
-  train = preprocess.get_preprocess_fn(config.pp_train)({"image": example["image"], "rng": tf.constant([0, 0])})
-  if tuple(train["image"].shape) != shape:
-    raise ValueError(f"config.pp_train gives images of shape {tuple(train['image'].shape)}, config.pp_eval "
+  # The training pipeline's static output shape, traced (not run: its decode may take JPEG only).
+  traced = tf.data.Dataset.from_tensors({"image": example["image"], "rng": tf.constant([0, 0], tf.int64)})
+  train = traced.map(preprocess.get_preprocess_fn(config.pp_train)).element_spec["image"].shape
+  if any(got is not None and got != want for got, want in zip(train, shape, strict=False)) or len(train) != len(shape):
+    raise ValueError(f"config.pp_train gives images of shape {tuple(train)}, config.pp_eval "
                      f"{shape}: the model takes one shape")
   return shape
 

@@ -191,7 +191,7 @@ def get_preprocess_fn(spec: str) -> Op:
   def fn(features):
     features = dict(features)
     for name, op in zip(specs, ops, strict=True):
-      if name.split("(")[0] in RANDOM_OPS and "rng" not in features:
+      if name.split("(")[0].strip() in RANDOM_OPS and "rng" not in features:
         raise ValueError(f"preprocessing op {name} is random, but {spec!r} runs without a seed: evaluation "
                          f"pipelines (config.pp_eval, config.fewshot.pp) must be deterministic")
       features = op(features)

@@ -40,20 +40,26 @@ PRESETS = {
 }
 
 
-def create_mesh(mesh_config, devices=None) -> Mesh:
-  """A ('data', 'model') mesh; one size may be -1 for "all remaining devices"."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
+def mesh_sizes(mesh_config, num_devices: int) -> dict[str, int]:
+  """{'data': D, 'model': M} of config.mesh on num_devices, with a -1 ("all remaining devices") resolved."""
   sizes = [mesh_config[a] for a in AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))}: sizes must be positive, at most one -1")
   known = int(np.prod([s for s in sizes if s != -1]))
-  if devices.size % known:
+  if num_devices % known:
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} needs a multiple of {known} devices, "
-                     f"there are {devices.size}")
-  sizes = [devices.size // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != devices.size:
+                     f"there are {num_devices}")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"config.mesh={dict(zip(AXES, sizes, strict=True))} needs {np.prod(sizes)} devices, "
-                     f"there are {devices.size}")
+                     f"there are {num_devices}")
+  return dict(zip(AXES, sizes, strict=True))
+
+
+def create_mesh(mesh_config, devices=None) -> Mesh:
+  """A ('data', 'model') mesh; one size may be -1 for "all remaining devices"."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  sizes = list(mesh_sizes(mesh_config, devices.size).values())
   # Auto axes: jit's partitioner propagates shardings from the NamedShardings we give it (pjit style).
   mesh = jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices.tolist())
   check_data_shards_per_process(mesh.devices, dict(zip(AXES, sizes, strict=True)))

@@ -119,12 +119,14 @@ def make_train_step(config, model, tx, schedule, num_classes: int, state_shardin
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if config.nan_policy == "skip":
-      # Keep the old params and optimizer moments for this batch, but advance the optimizer's step counts,
-      # so that the learning-rate schedule stays a function of the train step.
+      # Keep the old params and optimizer state for this batch, except the learning-rate schedule's step
+      # count: it advances, so that the schedule stays a function of the train step (Adam's own count,
+      # which its bias correction reads, stays with its moments).
       keep = lambda new, old: jnp.where(finite, new, old)
-      keep_moments = lambda path, new, old: new if getattr(path[-1], "name", None) == "count" else keep(new, old)
+      is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
       params = jax.tree.map(keep, params, state.params)
-      opt_state = jax.tree_util.tree_map_with_path(keep_moments, opt_state, state.opt_state)
+      opt_state = jax.tree.map(lambda new, old: new if is_schedule(new) else jax.tree.map(keep, new, old),
+                               opt_state, state.opt_state, is_leaf=is_schedule)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), "nonfinite": 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

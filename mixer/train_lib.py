@@ -23,8 +23,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     if config[key] <= 0 or config[key] % num_devices or config[key] % num_processes:
       raise ValueError(f"config.{key}={config[key]} is not a positive multiple of the "
                        f"{num_devices} devices (and {num_processes} processes)")
-  model_size = config.mesh.get("model", 1)  # each data shard's rows are split into the micro-batches.
-  data_size = num_devices // model_size if model_size > 0 and num_devices % model_size == 0 else num_devices
+  data_size = sharding.mesh_sizes(config.mesh, num_devices)["data"]  # each data shard's rows are split.
   if config.grad_accum_steps <= 0 or (config.batch_size // data_size) % config.grad_accum_steps:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} does not divide the batch of each of "
                      f"the {data_size} data shards, {config.batch_size // data_size} "

@@ -77,8 +77,9 @@ def test_bad_pipeline_strings_name_the_op(spec, message):
 
 def test_random_op_in_an_eval_pipeline_and_a_too_small_crop_are_named():
   image = tf.io.encode_png(np.zeros((20, 30, 3), np.uint8))
-  with pytest.raises(ValueError, match=r"preprocessing op flip_lr is random.*config.pp_eval"):
-    preprocess.get_preprocess_fn("decode|flip_lr")({"image": image})
+  for spec in ("decode|flip_lr", "decode | flip_lr ()"):
+    with pytest.raises(ValueError, match=r"preprocessing op flip_lr ?(\(\))? is random.*config.pp_eval"):
+      preprocess.get_preprocess_fn(spec)({"image": image})
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"central_crop\(24\) got an image smaller than 24x24"):
     preprocess.get_preprocess_fn("decode|central_crop(24)")({"image": image})
   crop = tf.data.Dataset.from_tensors({"image": image}).map(preprocess.get_preprocess_fn("decode|central_crop(24)"))

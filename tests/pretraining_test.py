@@ -88,6 +88,7 @@ def test_imagenet21k_reads_class_tars_and_folders(tmp_path):
   assert len(held_out) == 3 * imagenet21k.HELD_OUT_PER_CLASS and len(train) == 20 - len(held_out)
   assert {k for k, _ in held_out}.isdisjoint(k for k, _ in train)
   assert sorted({ex["label"] for _, ex in train}) == [0, 1, 2]
+  assert imagenet21k.as_jpeg(b"\x89PNG truncated") == b"\x89PNG truncated"  # unreadable: kept for bad_images.
   stored = dict(train)["n0003_9.JPEG"]["image"].getvalue()
   decoded = tf.io.decode_jpeg(stored).numpy()  # JPEG now: what decode_jpeg_and_inception_crop reads.
   assert decoded.shape == (6, 6, 3) and abs(int(decoded.mean()) - 77) <= 1

@@ -156,6 +156,9 @@ def test_gradient_accumulation_splits_each_data_shard():
   with pytest.raises(ValueError, match=r"config.grad_accum_steps=4 does not divide the batch of each of the 4"):
     train_lib.validate_config(small_config("unused", batch_size=8, grad_accum_steps=4,
                                            mesh={"data": 4, "model": 2}), num_devices=8, num_processes=1)
+  # The model axis given as -1 ("the rest"): 2 data shards of 8 rows, 4 micro-batches of 2.
+  train_lib.validate_config(small_config("unused", batch_size=16, grad_accum_steps=4,
+                                         mesh={"data": 2, "model": -1}), num_devices=8, num_processes=1)
 
 
 def test_bad_optimizer_and_schedule_name_the_key():

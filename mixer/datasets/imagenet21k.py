@@ -17,6 +17,7 @@ import os
 import tarfile
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 HELD_OUT_PER_CLASS = 5
 
@@ -71,7 +72,12 @@ def as_jpeg(data: bytes) -> bytes:
   if data[:3] == b"\xff\xd8\xff":
     return data
   import tensorflow as tf
-  return tf.io.encode_jpeg(tf.io.decode_image(data, channels=3, expand_animations=False), quality=100).numpy()
+  try:
+    return tf.io.encode_jpeg(tf.io.decode_image(data, channels=3, expand_animations=False), quality=100).numpy()
+  except tf.errors.InvalidArgumentError:  # unreadable: stored as it is, for bad_images to handle in training.
+    logging.warning("ImageNet-21k: a file (%d bytes) is neither JPEG nor a readable image; stored as it is",
+                    len(data))
+    return data
 
 
 def list_synsets(root: str) -> list[str]:
