@@ -60,15 +60,16 @@ def main(argv):
   from mixer import checkpoints, fewshot, input_pipeline, steps, train_lib
   config = FLAGS.config or load_config(FLAGS.workdir)
   s = train_lib.setup(config)
-  # Params laid out on the whole mesh by config.param_sharding, whichever way they are loaded.
-  shardings = jax.tree.map(lambda x: x.sharding, train_lib.abstract_params(config, s))
   init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
+  # Params laid out on the whole mesh by config.param_sharding, as load_params restores them.
+  on_mesh = lambda params: jax.device_put(
+      params, jax.tree.map(lambda x: x.sharding, train_lib.abstract_params(config, s)))
   if FLAGS.random_init:
-    params, step = jax.device_put(init(config.seed), shardings), "init"
+    params, step = on_mesh(init(config.seed)), "init"
   elif FLAGS.checkpoint:
     params = train_lib.init_from_pretrained(checkpoints.load_pretrained(FLAGS.checkpoint), init(0), s.model,
                                             new_head=not FLAGS.top1, source=FLAGS.checkpoint)
-    params, step = jax.device_put(params, shardings), FLAGS.checkpoint
+    params, step = on_mesh(params), FLAGS.checkpoint
   else:
     step, params = train_lib.load_params(config, FLAGS.workdir, s)
   params_sharding = jax.tree.map(lambda x: x.sharding, params)

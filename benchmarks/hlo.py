@@ -138,9 +138,8 @@ def kernel_bytes(record: dict, instructions: dict, computations: dict) -> float:
   the slices its dynamic-slices take of an operand, and updates a buffer in place with a
   dynamic-update-slice (as in a scan over stacked layers: it reads and writes the update, not the stack)."""
   operands = [instructions[o] for o in record["operands"] if o in instructions]
-  whole = array_bytes(record["shape"]) + sum(array_bytes(o["shape"]) for o in operands)
   if record["opcode"] != "fusion" or not record["calls"]:
-    return whole
+    return array_bytes(record["shape"]) + sum(array_bytes(o["shape"]) for o in operands)
   body = computations.get(record["calls"][0], [])
   users = {}
   for inner in body:

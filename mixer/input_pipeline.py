@@ -157,7 +157,7 @@ def image_shape(config, builder) -> tuple[int, ...]:
   # The training pipeline's static output shape, traced (not run: its decode may take JPEG only).
   traced = tf.data.Dataset.from_tensors({"image": example["image"], "rng": tf.constant([0, 0], tf.int64)})
   train = traced.map(preprocess.get_preprocess_fn(config.pp_train)).element_spec["image"].shape
-  if any(got is not None and got != want for got, want in zip(train, shape, strict=False)) or len(train) != len(shape):
+  if not train.is_compatible_with(shape):
     raise ValueError(f"config.pp_train gives images of shape {tuple(train)}, config.pp_eval "
                      f"{shape}: the model takes one shape")
   return shape

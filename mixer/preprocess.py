@@ -17,8 +17,11 @@ Features = dict[str, tf.Tensor]
 Op = Callable[[Features], Features]
 
 
-def _next_seed(features: Features) -> tf.Tensor:
-  """Splits the example's seed: one half for the calling op, the other stays for the ops after it."""
+def _next_seed(features: Features, op: str) -> tf.Tensor:
+  """Splits the example's seed: one half for the calling (random) op, the other stays for the ops after it."""
+  if "rng" not in features:
+    raise ValueError(f"preprocessing op {op} is random, but runs without a seed: evaluation pipelines "
+                     f"(config.pp_eval, config.fewshot.pp) must be deterministic")
   seeds = tf.random.experimental.stateless_split(features["rng"], num=2)
   features["rng"] = seeds[1]
   return seeds[0]
@@ -44,7 +47,7 @@ def inception_crop(size: int, area_min: float = 5, area_max: float = 100) -> Op:
   """Random crop of 5%-100% of the area and aspect 3/4-4/3, resized to `size` (Szegedy et al. 2015)."""
   def op(features):
     image = features["image"]
-    begin, crop = _crop_window(tf.shape(image), _next_seed(features), area_min, area_max)
+    begin, crop = _crop_window(tf.shape(image), _next_seed(features, "inception_crop"), area_min, area_max)
     image = tf.slice(image, begin, crop)
     features["image"] = _resize(image, size)
     return features
@@ -56,7 +59,7 @@ def decode_jpeg_and_inception_crop(size: int, area_min: float = 5, area_max: flo
   """decode + inception_crop fused: decodes only the crop window, much cheaper on large JPEGs."""
   def op(features):
     shape = tf.image.extract_jpeg_shape(features["image"])
-    begin, crop = _crop_window(shape, _next_seed(features), area_min, area_max)
+    begin, crop = _crop_window(shape, _next_seed(features, "decode_jpeg_and_inception_crop"), area_min, area_max)
     window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
     image = tf.image.decode_and_crop_jpeg(features["image"], window, channels=channels)
     features["image"] = _resize(image, size)
@@ -112,7 +115,7 @@ def central_crop(size: int) -> Op:
 def flip_lr() -> Op:
   """Mirrors the image left-right with probability 1/2."""
   def op(features):
-    features["image"] = tf.image.stateless_random_flip_left_right(features["image"], _next_seed(features))
+    features["image"] = tf.image.stateless_random_flip_left_right(features["image"], _next_seed(features, "flip_lr"))
     return features
   return op
 
@@ -129,7 +132,8 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: fl
 def randaugment(num_layers: int = 2, magnitude: float = 15) -> Op:
   """RandAugment on uint8 images: `num_layers` random ops of strength `magnitude` (paper: 2 layers, 10-20)."""
   def op(features):
-    features["image"] = randaugment_lib.randaugment(features["image"], num_layers, magnitude, _next_seed(features))
+    seed = _next_seed(features, "randaugment")
+    features["image"] = randaugment_lib.randaugment(features["image"], num_layers, magnitude, seed)
     return features
   return op
 
@@ -165,7 +169,6 @@ def pixel_shuffle(seed: int = 0) -> Op:
 OPS = {fn.__name__: fn for fn in (decode, inception_crop, decode_jpeg_and_inception_crop, resize,
                                   resize_small, central_crop, flip_lr, randaugment, value_range, patch_shuffle,
                                   pixel_shuffle)}
-RANDOM_OPS = {"inception_crop", "decode_jpeg_and_inception_crop", "flip_lr", "randaugment"}  # draw from "rng"
 
 
 def _parse_op(spec: str) -> Op:
@@ -186,14 +189,10 @@ def _parse_op(spec: str) -> Op:
 
 def get_preprocess_fn(spec: str) -> Op:
   """Parses "op1|op2(args)|..." into one function on a features dict."""
-  specs = [s.strip() for s in spec.split("|") if s.strip()]
-  ops = [_parse_op(s) for s in specs]
+  ops = [_parse_op(s) for s in spec.split("|") if s.strip()]
   def fn(features):
     features = dict(features)
-    for name, op in zip(specs, ops, strict=True):
-      if name.split("(")[0].strip() in RANDOM_OPS and "rng" not in features:
-        raise ValueError(f"preprocessing op {name} is random, but {spec!r} runs without a seed: evaluation "
-                         f"pipelines (config.pp_eval, config.fewshot.pp) must be deterministic")
+    for op in ops:
       features = op(features)
     return features
   return fn

@@ -59,10 +59,11 @@ def mesh_sizes(mesh_config, num_devices: int) -> dict[str, int]:
 def create_mesh(mesh_config, devices=None) -> Mesh:
   """A ('data', 'model') mesh; one size may be -1 for "all remaining devices"."""
   devices = np.asarray(jax.devices() if devices is None else devices)
-  sizes = list(mesh_sizes(mesh_config, devices.size).values())
+  sizes = mesh_sizes(mesh_config, devices.size)
   # Auto axes: jit's partitioner propagates shardings from the NamedShardings we give it (pjit style).
-  mesh = jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices.tolist())
-  check_data_shards_per_process(mesh.devices, dict(zip(AXES, sizes, strict=True)))
+  mesh = jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices.tolist())
+  check_data_shards_per_process(mesh.devices, sizes)
   return mesh
 
 
