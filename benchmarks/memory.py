@@ -1,111 +1,139 @@
-"""Per-device memory of the compiled train step, for each variant, global batch and mesh.
+"""Memory per TPU device and the compiler's step-time estimate for each paper variant, on TPU slices.
 
-Compiles (never runs) the real train step on a simulated CPU mesh and reads XLA's
-`compiled.memory_analysis()`: parameters + optimizer state + batch (arguments), outputs not aliased
-to inputs, and temporaries (activations kept for the backward pass). Prints a table and JSON.
+Compiles (never runs) the real train step of each variant's config for a TPU slice with libtpu, on any
+host (mixer/tpu.py), and prints a table and JSON. Needs `pip install "jax[tpu]==0.10.1"`.
 
-  python benchmarks/memory.py --devices 256 --batch 4096                 # all seven paper variants
-  python benchmarks/memory.py --devices 8 --batch 1024 --variants H/14 --param_sharding fsdp --remat
+  python benchmarks/memory.py --topologies v3:8x16,v4:4x4x8,v5p:4x4x8,v5e:8x16   # the configs' layouts
+  python benchmarks/memory.py --topologies v3:8x16 --search     # every layout; the fastest that fits
+  python benchmarks/memory.py --inference --topologies v3:2x2 --per_device_batch 16,128  # vs paper Table 3
 
-XLA:CPU's buffer assignment is not TPU's or GPU's (it fuses less, and may keep bf16 dots in f32),
-so read the numbers as an estimate of the accelerator's; the parameter/optimizer part is exact.
+Times are the TPU compiler's own estimate (cost_analysis "optimal_seconds"), not measurements.
 """
 
 import argparse
 import json
 import os
 import sys
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 2**30
+PAPER_VARIANTS = "S/32,S/16,B/32,B/16,L/32,L/16,H/14"
+# Paper Table 3, "throughput img/s/core" (TPU v3, inference at 224px).
+PAPER_THROUGHPUT = {"S/32": 11489, "B/32": 4208, "S/16": 3994, "B/16": 1384, "L/32": 1314, "L/16": 419, "H/14": 194}
+# --search: the layouts tried, cheapest first (parameter sharding, remat, micro-batches).
+LAYOUTS = [("replicated", False, 1), ("fsdp", False, 1), ("fsdp", True, 1), ("fsdp", False, 2), ("fsdp", True, 2),
+           ("fsdp", True, 4)]
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--variants", default="S/32,S/16,B/32,B/16,L/32,L/16,H/14")
-  parser.add_argument("--batch", type=int, default=4096, help="global batch size")
-  parser.add_argument("--devices", type=int, default=256, help="simulated devices in the mesh")
-  parser.add_argument("--model_axis", type=int, default=1, help="size of the mesh's 'model' axis")
-  parser.add_argument("--param_sharding", default=None,
-                      help="replicated, fsdp, tensor, fsdp_tensor or rules; default: the config's")
-  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                      help="default: the config's")
-  parser.add_argument("--grad_accum_steps", type=int, default=None, help="default: the config's")
-  parser.add_argument("--resolution", type=int, default=224)
-  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--variants", default=PAPER_VARIANTS)
+  parser.add_argument("--topologies", default="v3:8x16", help="comma-separated TPU slices, e.g. v3:8x16,v5e:16x16")
+  parser.add_argument("--batch", type=int, default=4096, help="global batch size (train)")
   parser.add_argument("--config", default="mixer_imagenet21k", help="a configs/ module taking a variant arg")
-  parser.add_argument("--json", default=None, help="also write the results to this file")
+  parser.add_argument("--param_sharding", default=None, help="default: the config's")
+  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None, help="default: the config's")
+  parser.add_argument("--grad_accum_steps", type=int, default=None, help="default: the config's")
+  parser.add_argument("--search", action="store_true",
+                      help=f"compile each variant in each layout of {LAYOUTS} until two fit; report the fastest")
+  parser.add_argument("--inference", action="store_true", help="the forward pass only, as the paper's Table 3")
+  parser.add_argument("--per_device_batch", default="16,128", help="--inference: batch per device, comma-separated")
+  parser.add_argument("--json", default=None, help="also write the rows to this file (rewritten after each row)")
   return parser.parse_args(argv)
 
 
-def measure(args, variant: str) -> dict:
+def variant_config(args, variant: str):
   import importlib
-
-  import jax
-  import jax.numpy as jnp
-
-  from mixer import models, optim, steps, train_lib
-  from mixer import sharding as sharding_lib
-
-  config = importlib.import_module(f"configs.{args.config}").get_config(variant.replace("/", "").lower())
+  import inspect
+  get_config = importlib.import_module(f"configs.{args.config}").get_config
+  if inspect.signature(get_config).parameters:
+    config = get_config(variant.replace("/", "").lower())
+  else:  # a config without a variant argument (configs/default.py): set the variant.
+    config = get_config()
+    config.model.variant = variant
   config.batch_size = args.batch
-  if args.grad_accum_steps is not None:
-    config.grad_accum_steps = args.grad_accum_steps
-  config.model.dtype = args.dtype
-  config.mesh = {"data": -1, "model": args.model_axis}
-  if args.param_sharding is not None:
-    config.param_sharding = args.param_sharding
+  config.eval_batch_size = args.batch
+  for key, value in (("param_sharding", args.param_sharding), ("grad_accum_steps", args.grad_accum_steps)):
+    if value is not None:
+      config[key] = value
   if args.remat is not None:
     config.model.remat = args.remat
-  train_lib.validate_config(config, args.devices, 1)
-  num_classes = 21843 if "21k" in args.config else 1000
-  mesh = sharding_lib.create_mesh(config.mesh)
-  model = models.create_model(config.model, num_classes)
-  schedule = optim.create_schedule(config, 100_000)
-  tx = optim.create_optimizer(config, schedule)
-  image_shape = (args.resolution, args.resolution, 3)
-  state_sharding = steps.state_sharding_for(model, tx, image_shape, mesh, config.param_sharding)
-  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(steps.init_fn(model, tx, image_shape, 0)), state_sharding)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  batch = {"image": jax.ShapeDtypeStruct((args.batch,) + image_shape, jnp.float32, sharding=batch_sharding),
-           "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding)}
-  step = steps.make_train_step(config, model, tx, schedule, num_classes, state_sharding, mesh)
-  start = time.perf_counter()
-  compiled = step.lower(abstract_state, batch, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-  return {"variant": variant, "params_m": round(params / 1e6, 1), "batch": args.batch, "devices": args.devices,
-          "mesh": dict(mesh.shape), "param_sharding": config.param_sharding, "remat": bool(config.model.remat),
-          "grad_accum_steps": config.grad_accum_steps,
-          "dtype": args.dtype, "arguments_gib": mem.argument_size_in_bytes / GIB,
-          "temp_gib": mem.temp_size_in_bytes / GIB, "peak_gib": peak / GIB,
-          "fits_16gib": peak < 16 * GIB, "fits_80gib": peak < 80 * GIB, "compile_s": round(compile_s, 1)}
+  return config
+
+
+def train_row(config, topology: str) -> dict:
+  from mixer import tpu
+  r = tpu.compile_for(config, topology, eval_step=False)
+  seconds = r["train"]["estimated_s"]
+  return {"variant": r["variant"], "topology": topology, "devices": r["devices"], "device_kind": r["device_kind"],
+          "batch": r["batch"], "param_sharding": r["param_sharding"], "remat": r["remat"],
+          "grad_accum_steps": r["grad_accum_steps"], "state_gib": r["state_bytes"] / GIB,
+          "temp_gib": r["train"]["temp_bytes"] / GIB, "peak_gib": r["train"]["peak_bytes"] / GIB,
+          "hbm_gib": r["hbm_bytes"] / GIB, "fits": r["fits"], "estimated_step_ms": seconds and seconds * 1e3,
+          "estimated_img_s_per_device": seconds and r["batch"] / r["devices"] / seconds,
+          "estimated_mfu": seconds and r["train"]["flops"] / seconds / r["peak_flops"],
+          "compile_s": r["train"]["compile_s"]}
+
+
+def search(config, topology: str, emit) -> None:
+  """Each layout in turn until two fit (a later one only adds memory savings, at a cost in speed)."""
+  fitting = 0
+  for param_sharding, remat, accum in LAYOUTS:
+    config.param_sharding, config.model.remat, config.grad_accum_steps = param_sharding, remat, accum
+    row = train_row(config, topology)
+    emit(row)
+    fitting += row["fits"]
+    if fitting == 2:
+      return
 
 
 def main(argv=None):
   args = parse_args(argv)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={args.devices}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  rows = [measure(args, v.strip()) for v in args.variants.split(",")]
-  header = f"{'variant':8} {'params':>8} {'sharding':>12} {'remat':>5} {'accum':>5} {'args GiB':>9} " \
-           f"{'temp GiB':>9} {'peak GiB':>9} {'16GB':>5} {'80GB':>5} {'compile s':>9}"
-  print(f"global batch {args.batch} on {args.devices} devices, {args.resolution}px, {args.dtype}")
-  print(header)
-  for r in rows:
-    print(f"{r['variant']:8} {r['params_m']:>7}M {r['param_sharding']:>12} {str(r['remat']):>5} "
-          f"{r['grad_accum_steps']:>5} "
-          f"{r['arguments_gib']:9.2f} {r['temp_gib']:9.2f} {r['peak_gib']:9.2f} "
-          f"{'yes' if r['fits_16gib'] else 'NO':>5} {'yes' if r['fits_80gib'] else 'NO':>5} {r['compile_s']:9.1f}")
-  print(json.dumps(rows))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=2)
+  from mixer import tpu
+  tpu.raise_stack_limit()
+  rows = []
+
+  def emit(row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(rows, f, indent=2)
+
+  for topology in args.topologies.split(","):
+    for variant in args.variants.split(","):
+      config = variant_config(args, variant.strip())
+      if args.inference:
+        for per_device in map(int, args.per_device_batch.split(",")):
+          row = tpu.compile_inference(config, topology, per_device)
+          row["paper_img_s_per_core"] = PAPER_THROUGHPUT.get(row["variant"])
+          emit(row)
+      elif args.search:
+        search(config, topology, emit)
+      else:
+        emit(train_row(config, topology))
+  print_table(rows, args.inference)
   return rows
+
+
+def print_table(rows, inference: bool) -> None:
+  if inference:
+    print(f"{'variant':8} {'slice':10} {'batch/dev':>9} {'est. ms':>8} {'est. img/s/dev':>14} {'paper':>7} "
+          f"{'est. MFU':>8}")
+    for r in rows:
+      print(f"{r['variant']:8} {r['topology']:10} {r['per_device_batch']:>9} {r['estimated_ms']:8.2f} "
+            f"{r['estimated_img_s_per_device']:14,.0f} {r['paper_img_s_per_core'] or '':>7} {r['estimated_mfu']:8.0%}")
+    return
+  print(f"{'variant':8} {'slice':10} {'sharding':>10} {'remat':>5} {'accum':>5} {'state GiB':>9} {'temp GiB':>8} "
+        f"{'peak GiB':>8} {'HBM':>4} {'fits':>4} {'est. ms':>8} {'img/s/dev':>9} {'MFU':>4} {'compile s':>9}")
+  for r in rows:
+    ms = r["estimated_step_ms"]
+    print(f"{r['variant']:8} {r['topology']:10} {r['param_sharding']:>10} {str(r['remat']):>5} "
+          f"{r['grad_accum_steps']:>5} {r['state_gib']:9.2f} {r['temp_gib']:8.2f} {r['peak_gib']:8.2f} "
+          f"{r['hbm_gib']:4.0f} {'yes' if r['fits'] else 'NO':>4} {ms or float('nan'):8.1f} "
+          f"{r['estimated_img_s_per_device'] or float('nan'):9,.0f} {r['estimated_mfu'] or float('nan'):4.0%} "
+          f"{r['compile_s']:9.1f}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ def state_sharding_for(model, tx, image_shape: tuple[int, ...], mesh, param_shar
   return sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
 
 
+def abstract_train_state(model, tx, image_shape: tuple[int, ...], mesh, param_sharding: str):
+  """(ShapeDtypeStructs of the train state carrying their shardings, the shardings): for compiling without
+  allocating (memory benchmarks, TPU slices seen from a CPU host)."""
+  state_sharding = state_sharding_for(model, tx, image_shape, mesh, param_sharding)
+  shapes = jax.eval_shape(init_fn(model, tx, image_shape, 0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      state_sharding), state_sharding
+
+
 def create_train_state(model, tx, image_shape: tuple[int, ...], mesh, seed: int, param_sharding: str = "replicated"):
   """Initialises params and optimizer state directly in their sharding (never whole on one device)."""
   state_sharding = state_sharding_for(model, tx, image_shape, mesh, param_sharding)
