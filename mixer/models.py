@@ -90,6 +90,9 @@ def stochastic_depth(module: nn.Module, x, rate, train: bool):
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
+TOKEN_MIXING_FORMS = ("per_example", "transpose")
+
+
 class MixerBlock(nn.Module):
   """Token mixing (an MLP across patches, shared over channels), then channel mixing."""
   tokens_mlp_dim: int
@@ -98,13 +101,19 @@ class MixerBlock(nn.Module):
   stoch_depth: float = 0.0
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
+  # "per_example": TokenMixing (no transposes); "transpose": vit_jax's swapaxes -> MlpBlock -> swapaxes.
+  token_mixing_form: str = "per_example"
 
   @nn.compact
   def __call__(self, x, train: bool = False, stoch_depth=None):
     rate = self.stoch_depth if stoch_depth is None else stoch_depth
     mlp = dict(dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
     y = ops.LayerNorm(dtype=self.dtype)(x)
-    y = TokenMixing(self.tokens_mlp_dim, name="token_mixing", **mlp)(y, train=train)
+    if self.token_mixing_form == "transpose":
+      y = jnp.swapaxes(MlpBlock(self.tokens_mlp_dim, name="token_mixing", **mlp)(jnp.swapaxes(y, 1, 2), train=train),
+                       1, 2)
+    else:
+      y = TokenMixing(self.tokens_mlp_dim, name="token_mixing", **mlp)(y, train=train)
     x = x + stochastic_depth(self, y, rate, train)
     y = ops.LayerNorm(dtype=self.dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, name="channel_mixing", **mlp)(y, train=train)
@@ -139,6 +148,7 @@ class MlpMixer(nn.Module):
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32.
   remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint).
   scan_blocks: bool = False  # one nn.scan over the blocks: params stacked under "MixerBlocks".
+  token_mixing_form: str = "per_example"  # one of TOKEN_MIXING_FORMS: the same function and parameters.
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -149,7 +159,8 @@ class MlpMixer(nn.Module):
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))
     rates = [self.stoch_depth * i / max(self.num_blocks - 1, 1) for i in range(self.num_blocks)]
     block = dict(tokens_mlp_dim=self.tokens_mlp_dim, channels_mlp_dim=self.channels_mlp_dim,
-                 dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
+                 dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                 token_mixing_form=self.token_mixing_form)
     if self.scan_blocks:
       scan = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(0, nn.broadcast), length=self.num_blocks)
@@ -173,13 +184,16 @@ def create_model(model_config, num_classes: int | None) -> MlpMixer:
   for key in ("dropout_rate", "stoch_depth"):
     if not 0.0 <= model_config[key] < 1.0:
       raise ValueError(f"config.model.{key}={model_config[key]} is not in [0, 1)")
+  form = model_config.get("token_mixing_form", "per_example")
+  if form not in TOKEN_MIXING_FORMS:
+    raise ValueError(f"config.model.token_mixing_form={form!r} is not one of {', '.join(TOKEN_MIXING_FORMS)}")
   dims = variant_kwargs(model_config.variant)
   if model_config.get("tokens_mlp_dim"):  # e.g. K^2 D_S after block-diagonal resolution growth.
     dims["tokens_mlp_dim"] = model_config.tokens_mlp_dim
   return MlpMixer(num_classes=num_classes, dropout_rate=model_config.dropout_rate,
                   stoch_depth=model_config.stoch_depth, gelu_approximate=model_config.gelu_approximate,
                   dtype=dtypes[model_config.dtype], remat=model_config.remat,
-                  scan_blocks=model_config.scan_blocks, **dims)
+                  scan_blocks=model_config.scan_blocks, token_mixing_form=form, **dims)
 
 
 def stack_blocks(params: dict) -> dict:

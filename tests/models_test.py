@@ -183,25 +183,27 @@ def _paper_forward(params, images, patch, xp=np):
   return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
-def _tiny_with_random_params():
+def _tiny_with_random_params(token_mixing_form="per_example"):
   """The tiny model with 5 classes, an input, and parameters moved off their init (a non-zero head)."""
-  model = _tiny().clone(num_classes=5)
+  model = _tiny(token_mixing_form=token_mixing_form).clone(num_classes=5)
   x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
   params = model.init(jax.random.key(1), x)["params"]
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
   return model, x, params
 
 
-def test_model_computes_the_papers_equations():
-  """The flax module equals Eq. (1) of the paper written independently in numpy (float64)."""
-  model, x, params = _tiny_with_random_params()
+@pytest.mark.parametrize("form", models.TOKEN_MIXING_FORMS)
+def test_model_computes_the_papers_equations(form):
+  """The flax module equals Eq. (1) of the paper written independently in numpy (float64), in either form."""
+  model, x, params = _tiny_with_random_params(form)
   np.testing.assert_allclose(model.apply({"params": params}, x), _paper_forward(params, np.asarray(x, np.float64), 4),
                              rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_equal_autodiff_of_the_papers_equations():
-  """Token mixing without transposes and the hand-written LayerNorm/gelu backward give autodiff's gradients."""
-  model, x, params = _tiny_with_random_params()
+@pytest.mark.parametrize("form", models.TOKEN_MIXING_FORMS)
+def test_gradients_equal_autodiff_of_the_papers_equations(form):
+  """Either token-mixing form and the hand-written LayerNorm/gelu backward give autodiff's gradients."""
+  model, x, params = _tiny_with_random_params(form)
   targets = jax.nn.one_hot(jnp.arange(3), 5)
   loss = lambda logits: -jnp.sum(targets * jax.nn.log_softmax(logits))
   ours = jax.grad(lambda p: loss(model.apply({"params": p}, x)))(params)
@@ -223,6 +225,8 @@ def test_bad_model_config_values_name_the_key():
     _tiny(dtype="float16")
   with pytest.raises(ValueError, match=r"config\.model\.stoch_depth=1.5"):
     _tiny(stoch_depth=1.5)
+  with pytest.raises(ValueError, match=r"config\.model\.token_mixing_form='einsum' is not one of per_example"):
+    _tiny(token_mixing_form="einsum")
 
 
 def test_scanned_blocks_equal_the_loop_with_stacked_params():
