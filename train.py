@@ -53,6 +53,7 @@ def compile_for(config, topology: str) -> int:
   from mixer import tpu
   tpu.raise_stack_limit()
   cli.setup_logging()
+  logging.set_verbosity(logging.WARNING)  # the report below is the output.
   try:
     report = tpu.compile_for(config, topology)
   except (ValueError, FileNotFoundError) as e:

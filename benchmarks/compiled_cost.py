@@ -79,9 +79,7 @@ def compile_train_step(args, devices):
 
   from mixer import sharding, steps
   config, mesh, model, schedule, tx, shape = (parts[k] for k in ("config", "mesh", "model", "schedule", "tx", "shape"))
-  state_sharding = steps.state_sharding_for(model, tx, shape, mesh, "replicated")
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       jax.eval_shape(steps.init_fn(model, tx, shape, 0)), state_sharding)
+  state, state_sharding = steps.abstract_train_state(model, tx, shape, mesh, "replicated")
   data = sharding.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((args.batch,) + shape, jnp.float32, sharding=data),
            "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=data)}

@@ -34,6 +34,7 @@ def parse_args(argv=None):
   parser.add_argument("--param_sharding", default=None, help="default: the config's")
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None, help="default: the config's")
   parser.add_argument("--grad_accum_steps", type=int, default=None, help="default: the config's")
+  parser.add_argument("--token_mixing_form", default=None, help="per_example or transpose; default: the config's")
   parser.add_argument("--search", action="store_true",
                       help=f"compile each variant in each layout of {LAYOUTS} until two fit; report the fastest")
   parser.add_argument("--inference", action="store_true", help="the forward pass only, as the paper's Table 3")
@@ -58,17 +59,25 @@ def variant_config(args, variant: str):
       config[key] = value
   if args.remat is not None:
     config.model.remat = args.remat
+  if args.token_mixing_form is not None:
+    config.model.token_mixing_form = args.token_mixing_form
   return config
+
+
+def _gib(size: int | None) -> float | None:
+  return None if size is None else size / GIB
 
 
 def train_row(config, topology: str) -> dict:
   from mixer import tpu
   r = tpu.compile_for(config, topology, eval_step=False)
   seconds = r["train"]["estimated_s"]
-  return {"variant": r["variant"], "topology": topology, "devices": r["devices"], "device_kind": r["device_kind"],
+  return {"variant": r["variant"], "topology": topology, "token_mixing_form": config.model.token_mixing_form,
+          "devices": r["devices"], "device_kind": r["device_kind"],
           "batch": r["batch"], "param_sharding": r["param_sharding"], "remat": r["remat"],
           "grad_accum_steps": r["grad_accum_steps"], "state_gib": r["state_bytes"] / GIB,
-          "temp_gib": r["train"]["temp_bytes"] / GIB, "peak_gib": r["train"]["peak_bytes"] / GIB,
+          "temp_gib": _gib(r["train"]["temp_bytes"]), "peak_gib": _gib(r["train"]["peak_bytes"]),
+          "out_of_memory": r["train"].get("out_of_memory"),
           "hbm_gib": r["hbm_bytes"] / GIB, "fits": r["fits"], "estimated_step_ms": seconds and seconds * 1e3,
           "estimated_img_s_per_device": seconds and r["batch"] / r["devices"] / seconds,
           "estimated_mfu": seconds and r["train"]["flops"] / seconds / r["peak_flops"],
@@ -117,6 +126,10 @@ def main(argv=None):
   return rows
 
 
+def _cell(gib: float | None) -> str:
+  return f"{gib:8.2f}" if gib is not None else f"{'OOM':>8}"
+
+
 def print_table(rows, inference: bool) -> None:
   if inference:
     print(f"{'variant':8} {'slice':10} {'batch/dev':>9} {'est. ms':>8} {'est. img/s/dev':>14} {'paper':>7} "
@@ -130,7 +143,7 @@ def print_table(rows, inference: bool) -> None:
   for r in rows:
     ms = r["estimated_step_ms"]
     print(f"{r['variant']:8} {r['topology']:10} {r['param_sharding']:>10} {str(r['remat']):>5} "
-          f"{r['grad_accum_steps']:>5} {r['state_gib']:9.2f} {r['temp_gib']:8.2f} {r['peak_gib']:8.2f} "
+          f"{r['grad_accum_steps']:>5} {r['state_gib']:9.2f} {_cell(r['temp_gib'])} {_cell(r['peak_gib'])} "
           f"{r['hbm_gib']:4.0f} {'yes' if r['fits'] else 'NO':>4} {ms or float('nan'):8.1f} "
           f"{r['estimated_img_s_per_device'] or float('nan'):9,.0f} {r['estimated_mfu'] or float('nan'):4.0%} "
           f"{r['compile_s']:9.1f}")
