@@ -4,18 +4,18 @@
   python train.py --config configs/mixer_b16_imagenet2012.py --workdir gs://... --config.lr=3e-3
 """
 
+import signal
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from mixer import cli
+from mixer import cli, errors
 
 flags.DEFINE_string("workdir", "workdir", "Checkpoints, TensorBoard logs and config.json go here.")
-config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Experiment config file.",
-                                lock_config=True)
+errors.define_config_file("config", cli.DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a killed process: schedulers treat the job as not done.
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C.
 
 
 def main(argv):
@@ -25,6 +25,10 @@ def main(argv):
   cli.initialize_distributed()
   from mixer import train_lib
   history = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if history.get("signal") == signal.SIGINT:
+    print(f"Interrupted (Ctrl-C): stopped at step {history['preempted_at']} with a complete checkpoint in "
+          f"{FLAGS.workdir}; rerun the same command to resume.")
+    sys.exit(INTERRUPTED_EXIT_CODE)
   if "preempted_at" in history:
     print(f"Preempted: stopped at step {history['preempted_at']} with a complete checkpoint in "
           f"{FLAGS.workdir}; rerun the same command to resume.")
@@ -40,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)
