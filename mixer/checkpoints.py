@@ -232,7 +232,8 @@ def restore_params(path: str, abstract_params: Any = None) -> tuple[int, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        saved = manager.item_metadata(step).tree["params"] if damage(directory / str(step)) is None else None
+        metadata = manager.item_metadata(step) if damage(directory / str(step)) is None else None
+        saved = getattr(metadata, "tree", metadata)["params"] if metadata is not None else None
       except Exception:  # a damaged step; _newest_that_restores below names it.
         saved = None
       if saved is not None:
@@ -247,7 +248,8 @@ def restore_params(path: str, abstract_params: Any = None) -> tuple[int, Any]:
       manager, restore, item, move_aside=False, part=lambda saved: {"params": saved["params"]})
   manager.close()
   if step is None:
-    raise FileNotFoundError(f"no orbax checkpoint that restores in {directory}")
+    raise FileNotFoundError(f"no orbax checkpoint in {directory}" if newest is None else
+                            f"no checkpoint in {directory} restores (each is damaged; see the warnings)")
   if step != newest:
     logging.warning("Using checkpoint step %d, the newest that restores in %s", step, directory)
   return step, restored["params"]

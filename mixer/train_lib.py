@@ -331,7 +331,7 @@ class NonFiniteCount:
 
 
 def config_differences(config, workdir: str) -> str:
-  """'config.json in WORKDIR differs in: key (here X, saved Y), ...' lines, or "" without a config.json."""
+  """Names each config key whose value differs from the workdir's config.json; "" without a config.json."""
   path = epath.Path(workdir) / "config.json"
   try:
     saved = _flatten(json.loads(path.read_text()))
