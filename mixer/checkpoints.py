@@ -206,6 +206,9 @@ def save_npz(params: dict, path: str) -> None:
 def load_npz(path: str) -> dict:
   try:
     with epath.Path(path).open("rb") as f:
+      if f.read(2) != b"PK":  # an .npz is a zip archive; numpy would guess a pickle.
+        raise ValueError("it is not a zip archive")
+      f.seek(0)
       data = np.load(f, allow_pickle=False)
       return unflatten({k: data[k] for k in data.files})
   except FileNotFoundError:
