@@ -14,14 +14,13 @@ import jax
 import ml_collections
 from absl import app, flags
 from etils import epath
-from ml_collections import config_flags
 
-from mixer import cli
+from mixer import cli, errors
 
 flags.DEFINE_string("workdir", "workdir", "A training workdir (config.json and checkpoints/); results go here.")
 flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) to evaluate instead of the "
                     "workdir's newest checkpoint; needs --config unless the workdir has config.json.")
-config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's config.json.")
+errors.define_config_file("config", None, "Config file; default: the workdir's config.json.")
 flags.DEFINE_string("split", None, "tfds split for top-1; default: the config's eval_split.")
 flags.DEFINE_bool("top1", True, "Top-1 over the whole split.")
 flags.DEFINE_bool("fewshot", False, "Few-shot linear regression on config.fewshot.datasets.")
@@ -52,12 +51,20 @@ def _update(config: ml_collections.ConfigDict, values: dict) -> None:
         config[key] = value
 
 
+def load_checkpoint(path: str) -> dict:
+  from mixer import checkpoints
+  try:
+    return checkpoints.load_pretrained(path)
+  except (OSError, ValueError) as e:
+    raise type(e)(f"--checkpoint={path}: {e}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import checkpoints, fewshot, input_pipeline, steps, train_lib
+  from mixer import fewshot, input_pipeline, steps, train_lib
   config = FLAGS.config or load_config(FLAGS.workdir)
   s = train_lib.setup(config)
   init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
@@ -67,7 +74,7 @@ def main(argv):
   if FLAGS.random_init:
     params, step = on_mesh(init(config.seed)), "init"
   elif FLAGS.checkpoint:
-    params = train_lib.init_from_pretrained(checkpoints.load_pretrained(FLAGS.checkpoint), init(0), s.model,
+    params = train_lib.init_from_pretrained(load_checkpoint(FLAGS.checkpoint), init(0), s.model,
                                             new_head=not FLAGS.top1, source=FLAGS.checkpoint)
     params, step = on_mesh(params), FLAGS.checkpoint
   else:
@@ -95,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

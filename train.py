@@ -6,22 +6,22 @@
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from mixer import cli
+from mixer import cli, errors
 
 flags.DEFINE_string("workdir", "workdir", "Checkpoints, TensorBoard logs and config.json go here.")
 flags.DEFINE_string("compile_for", None, "Instead of training, compile the config's train and eval steps for this "
                     "TPU slice (e.g. v3:8x16, v4:4x4x8, v5p:4x4x8, v5e:16x16) on this host, with no TPU and no "
                     "data, and print the memory per device and the compiler's step-time estimate. Exit status "
                     "1 if it does not fit. Needs libtpu: pip install \"jax[tpu]==0.10.1\".")
-config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Experiment config file.",
-                                lock_config=True)
+errors.define_config_file("config", cli.DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
 FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a killed process: schedulers treat the job as not done.
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C.
 
 
 def main(argv):
@@ -33,6 +33,10 @@ def main(argv):
   cli.initialize_distributed()
   from mixer import train_lib
   history = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if history.get("signal") == signal.SIGINT:
+    print(f"Interrupted (Ctrl-C): stopped at step {history['preempted_at']} with a complete checkpoint in "
+          f"{FLAGS.workdir}; rerun the same command to resume.")
+    sys.exit(INTERRUPTED_EXIT_CODE)
   if "preempted_at" in history:
     print(f"Preempted: stopped at step {history['preempted_at']} with a complete checkpoint in "
           f"{FLAGS.workdir}; rerun the same command to resume.")
@@ -70,4 +74,4 @@ def compile_for(config, topology: str) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # A non-finite loss or gradient: "stop" (raise, keeping the checkpoints from before it) or "skip" the update.
   config.nan_policy = "stop"
+  # "skip" gives up (raises as "stop" does) past this many skipped steps in a row, or in all of a run: a run
+  # whose loss stays non-finite learns nothing, so it should end, not report the accuracy of a stalled model.
+  config.max_nonfinite_steps = 10
+  config.max_nonfinite_total = 100
   # An image that does not decode: "fail" (with the dataset and split named) or "skip" (counted in the log).
   config.bad_images = "fail"
 

@@ -1,5 +1,6 @@
 """The training loop: setup from a config, pre-trained initialisation, periodic eval, checkpoints."""
 
+import json
 import math
 import signal
 import threading
@@ -33,11 +34,17 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"config.nan_policy={config.nan_policy!r} is not one of stop, skip")
   if config.loss not in steps.LOSSES:
     raise ValueError(f"config.loss={config.loss!r} is not one of {', '.join(steps.LOSSES)}")
-  models.variant_kwargs(config.model.variant)
+  if models.variant_kwargs(config.model.variant)["patch_size"] <= 0:
+    raise ValueError(f"config.model.variant={config.model.variant!r}: the patch size must be positive")
+  if input_pipeline.label_subset(config) == []:
+    raise ValueError(f"config.label_subset={config.label_subset!r} selects no class (FIRST-LAST needs FIRST <= LAST)")
   for key in ("log_every_steps", "sync_every_steps", "eval_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
+  for key in ("max_nonfinite_steps", "max_nonfinite_total"):
+    if config[key] < 0:
+      raise ValueError(f"config.{key}={config[key]} must be 0 or more")
 
 
 def total_steps(config, info: input_pipeline.DatasetInfo) -> int:
@@ -77,7 +84,10 @@ def prepare_pretrained(config, s: Setup) -> tuple[Setup, dict | None]:
   """
   if not config.init.checkpoint:
     return s, None
-  pretrained = checkpoints.load_pretrained(config.init.checkpoint)
+  try:
+    pretrained = checkpoints.load_pretrained(config.init.checkpoint)
+  except (OSError, ValueError) as e:
+    raise type(e)(f"config.init.checkpoint={config.init.checkpoint!r}: {e}") from None
   grid = (s.image_shape[0] // s.model.patch_size, s.image_shape[1] // s.model.patch_size)
   block = pretrained.get("MixerBlock_0", {}).get("token_mixing", {}).get("Dense_0", {})
   old_tokens = np.shape(block.get("kernel", np.zeros((grid[0] * grid[1], 0))))[0]
@@ -133,25 +143,34 @@ def _check_workdir(workdir: str) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM (how clusters preempt) into a flag that the loop checks between steps."""
+  """Turns SIGTERM (how clusters preempt) and a first Ctrl-C (SIGINT) into a flag that the loop checks
+  between steps; a second Ctrl-C aborts at once (KeyboardInterrupt), without a checkpoint."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signal = None
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
     del frame
+    if signum == signal.SIGINT and self.signal is not None:
+      raise KeyboardInterrupt("second Ctrl-C: aborted without a checkpoint")
     self.signal = signum
-    logging.warning("Received signal %d: finishing this step, then checkpointing", signum)
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: finishing this step, then checkpointing and exiting (Ctrl-C again aborts "
+                      "without a checkpoint)")
+    else:
+      logging.warning("Received signal %d: finishing this step, then checkpointing", signum)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
   def requested(self, step: int, sync_point: bool) -> bool:
     """Whether to stop after `step`; with several processes, all agree at the sync points only."""
@@ -166,13 +185,20 @@ class _Preemption:
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history.
 
-  On SIGTERM it checkpoints the step it is in and returns early (history["preempted_at"]); on a
-  non-finite loss (config.nan_policy="stop") it raises NonFiniteLossError and keeps only checkpoints
-  from before that step.
+  On SIGTERM or a first Ctrl-C it checkpoints the step it is in and returns early (history["preempted_at"],
+  history["signal"]); on a non-finite loss (config.nan_policy="stop", or more skipped steps than
+  config.max_nonfinite_steps allows) it raises NonFiniteLossError and keeps only checkpoints from before
+  that step; a save that fails raises checkpoints.CheckpointSaveError. The workdir is locked meanwhile
+  (checkpoints.WorkdirLockedError when another trainer holds it), and its config.json is written only
+  once the checkpoint, if any, has restored.
   """
   s, pretrained = prepare_pretrained(config, setup(config))
   _check_workdir(workdir)
-  save_config(config, workdir)
+  with checkpoints.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, s, pretrained)
+
+
+def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None) -> dict[str, Any]:
   num_steps = total_steps(config, s.info)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
@@ -183,7 +209,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                num_params / 1e6, num_steps, dict(s.mesh.shape))
 
   manager = checkpoints.create_manager(workdir, config)
-  restored_step, restored = checkpoints.restore_latest(manager, checkpoints.abstract(state))
+  try:
+    restored_step, restored = checkpoints.restore_latest(manager, checkpoints.abstract(state))
+  except checkpoints.CheckpointMismatchError as e:
+    manager.close()
+    raise checkpoints.CheckpointMismatchError(f"{config_differences(config, workdir)}{e}") from None
+  save_config(config, workdir)  # only now: a rerun that cannot use the workdir leaves its config.json alone.
   if restored is not None:
     state = restored
     logging.info("Restored checkpoint from step %d in %s", restored_step, manager.directory)
@@ -204,6 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   history = {"train": [], "eval": [], "fewshot": []}
   pending = []  # (step, metrics) not yet fetched from the devices.
+  skipped = NonFiniteCount(config, manager)
 
   def flush_metrics() -> None:
     """Fetches pending metrics (a host sync), logs their mean, and applies the non-finite guard."""
@@ -213,11 +245,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, fetched, strict=True):
       if m["nonfinite"] and config.nan_policy == "stop":
-        manager.wait_until_finished()  # checkpoints of earlier steps complete; none is written after.
+        checkpoints.wait_until_saved(manager)  # checkpoints of earlier steps complete; none is written after.
         raise NonFiniteLossError(
             f"non-finite loss or gradients at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
             f"the newest checkpoint in {manager.directory} is from step {manager.latest_step()}. "
             f"config.nan_policy='skip' skips such updates instead.")
+      skipped.update(step, m)
     last = pending[-1][0]
     summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     summary["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
@@ -230,6 +263,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(batches), rng)
       pending.append((step, metrics))
+      checkpoints.raise_if_save_failed(manager)
       for hook in hooks:
         hook(step)
       sync_point = step % config.sync_every_steps == 0
@@ -254,18 +288,61 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         flush_metrics()  # never checkpoint a state that came from a non-finite step.
         checkpoints.save(manager, step, state)
       if preempted:
-        manager.wait_until_finished()
-        logging.warning("Preempted at step %d: checkpoint %s is complete; rerun the same command to resume.",
-                        step, manager.directory / str(step))
+        checkpoints.wait_until_saved(manager)
+        logging.warning("%s at step %d: checkpoint %s is complete; rerun the same command to resume.",
+                        "Interrupted (Ctrl-C)" if preemption.signal == signal.SIGINT else "Preempted", step,
+                        manager.directory / str(step))
         history["preempted_at"] = step
+        history["signal"] = preemption.signal
         break
 
-  manager.wait_until_finished()
+  checkpoints.wait_until_saved(manager)
   manager.close()
   writer.flush()
   writer.close()
   history["final_step"] = int(state.step)
   return history
+
+
+class NonFiniteCount:
+  """config.nan_policy="skip": warns at each skipped step, and stops like "stop" past
+  config.max_nonfinite_steps in a row or config.max_nonfinite_total in this run."""
+
+  def __init__(self, config, manager):
+    self.config, self.manager = config, manager
+    self.in_a_row = self.total = 0
+
+  def update(self, step: int, metrics: dict) -> None:
+    if not metrics["nonfinite"]:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    logging.warning("Step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped (%d in a row, "
+                    "%d in this run)", step, metrics["loss"], metrics["grad_norm"], self.in_a_row, self.total)
+    for key, count, what in (("max_nonfinite_steps", self.in_a_row, "in a row"),
+                             ("max_nonfinite_total", self.total, "in this run")):
+      if count > self.config[key]:
+        checkpoints.wait_until_saved(self.manager)
+        raise NonFiniteLossError(
+            f"non-finite loss or gradients at step {step}: {count} steps {what} skipped, more than "
+            f"config.{key}={self.config[key]}; the newest checkpoint in {self.manager.directory} is from step "
+            f"{self.manager.latest_step()}. Lower config.lr or raise config.{key}.")
+
+
+def config_differences(config, workdir: str) -> str:
+  """Names each config key whose value differs from the workdir's config.json; "" without a config.json."""
+  path = epath.Path(workdir) / "config.json"
+  try:
+    saved = _flatten(json.loads(path.read_text()))
+  except (OSError, ValueError):
+    return ""
+  here = _flatten(json.loads(config.to_json_best_effort()))
+  keys = sorted(k for k in here.keys() | saved.keys() if here.get(k, "(absent)") != saved.get(k, "(absent)"))
+  if not keys:
+    return f"{path} has the same config; "
+  return (f"this run's config differs from {path} (the config of its checkpoints) in: " + ", ".join(
+      f"{k}={here.get(k, '(absent)')!r} (saved: {saved.get(k, '(absent)')!r})" for k in keys) + ".\n")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

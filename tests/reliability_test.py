@@ -1,7 +1,10 @@
 """Preemption, crash safety, exact resume, the non-finite guard, determinism, and bad input."""
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mixer import checkpoints, sharding, train_lib
-from tests.conftest import REPO, small_config
+from tests.conftest import REPO, override, small_config
 
 # Random everywhere a resumed run could diverge: augmentation, dropout, stochastic depth, mixup.
 RANDOM_RUN = ["--config.pp_train=decode(channels=1)|resize(20)|inception_crop(16)|flip_lr|value_range(-1, 1)",
@@ -160,16 +163,6 @@ def test_unreadable_images_can_be_skipped_and_counted(broken_data_dir, tmp_path,
   assert history["eval"][-1]["num_examples"] == 38  # the test split's 40, less its 2 broken images
 
 
-def test_checkpoint_of_another_model_lists_the_mismatches(data_dir, tmp_path):
-  train_lib.train_and_evaluate(small_config(data_dir, total_steps=4), str(tmp_path))
-  with pytest.raises(ValueError) as error:
-    train_lib.train_and_evaluate(small_config(data_dir, total_steps=6, **{"model.variant": "Ti/8"}), str(tmp_path))
-  message = str(error.value)
-  assert "checkpoint" in message and "does not fit the model" in message
-  assert "params/stem/kernel has shape (4, 4, 1, 128), the model needs (8, 8, 1, 128)" in message
-  assert "params/MixerBlock_0/token_mixing/Dense_0/kernel has shape (16, 64), the model needs (4, 64)" in message
-
-
 def test_workdir_that_is_not_writable_fails_at_start(data_dir, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
@@ -177,8 +170,202 @@ def test_workdir_that_is_not_writable_fails_at_start(data_dir, tmp_path):
     train_lib.train_and_evaluate(small_config(data_dir, total_steps=4), str(blocker / "run"))
 
 
-def test_unknown_config_key_is_named(tmp_path):
-  result = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path}", "--config.learning_rate=0.1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def trained_workdir(data_dir, tmp_path_factory):
+  """A finished run with a checkpoint at each of its 5 steps; tests work on copies (copy_workdir)."""
+  path = tmp_path_factory.mktemp("trained") / "run"
+  config = small_config(data_dir, total_steps=5, warmup_steps=1, checkpoint_every_steps=1, keep_checkpoints=10)
+  train_lib.train_and_evaluate(config, str(path))
+  return path, config
+
+
+def copy_workdir(trained_workdir, tmp_path):
+  source, config = trained_workdir
+  shutil.copytree(source, tmp_path / "run")
+  return tmp_path / "run", override(config.copy_and_resolve_references(), total_steps=6)
+
+
+def _tree(path):
+  return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_a_rerun_with_another_model_names_the_config_keys_and_changes_nothing(trained_workdir, tmp_path):
+  workdir, config = copy_workdir(trained_workdir, tmp_path)
+  before = _tree(workdir)
+  with pytest.raises(ValueError) as error:  # checkpoints.CheckpointMismatchError
+    train_lib.train_and_evaluate(override(config, **{"model.variant": "Ti/8"}), str(workdir))
+  message = str(error.value)
+  assert f"differs from {workdir / 'config.json'}" in message
+  assert "model.variant='Ti/8' (saved: 'Ti/4')" in message and "total_steps=6 (saved: 5)" in message
+  assert "does not fit the model" in message
+  assert "params/stem/kernel has shape (4, 4, 1, 128), the model needs (8, 8, 1, 128)" in message
+  assert "params/MixerBlock_0/token_mixing/Dense_0/kernel has shape (16, 64), the model needs (4, 64)" in message
+  assert _tree(workdir) == before  # config.json, checkpoints and logs as they were; no lock left behind.
+
+
+def _damage_newest_checkpoints(workdir):
+  """Keeps steps 1 and 2 intact; damages 3-5 and adds an empty step 6, as a full disk or a bad copy would."""
+  directory = workdir / "checkpoints"
+  for data_file in (directory / "3" / "default").rglob("d/*"):  # garbled arrays: half of every file.
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+  (directory / "4" / "default" / "manifest.ocdbt").unlink()
+  (directory / "5" / "default" / "_METADATA").unlink()
+  (directory / "6").mkdir()
+
+
+def test_damaged_newest_checkpoints_are_moved_aside_and_the_newest_intact_one_resumes(trained_workdir, tmp_path,
+                                                                                      caplog):
+  workdir, config = copy_workdir(trained_workdir, tmp_path)
+  _damage_newest_checkpoints(workdir)
+  with caplog.at_level("WARNING"):
+    step, params = train_lib.load_params(config, str(workdir), train_lib.setup(config))  # evaluate.py's way
+  assert step == 2 and jax.tree.leaves(params)
+  for bad in ("6", "5", "4", "3"):
+    assert f"Checkpoint {workdir / 'checkpoints' / bad} is damaged" in caplog.text
+  assert "Using checkpoint step 2" in caplog.text
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["1", "2", "3", "4", "5", "6"]  # read-only
+
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    history = train_lib.train_and_evaluate(config, str(workdir))
+  assert history["final_step"] == 6 and history["train"][0]["step"] == 3  # resumed from step 2
+  assert "_METADATA is missing" in caplog.text and "manifest.ocdbt is missing" in caplog.text
+  assert "it is empty" in caplog.text and "cannot be read (ValueError: OUT_OF_RANGE" in caplog.text
+  assert sorted(os.listdir(workdir / "checkpoints_damaged")) == ["3-unreadable", "4-no_manifest", "5-no_METADATA",
+                                                                 "6-empty"]
+  assert len(list((workdir / "checkpoints_damaged" / "3-unreadable").rglob("*"))) > 5  # moved whole, not deleted
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["1", "2", "3", "4", "5", "6"]  # new 3-6
+
+
+def _immutable(path) -> bool:
+  """chattr +i: even root cannot create files in it. False where the file system or user cannot."""
+  if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+    return False
+  try:
+    (path / "probe").write_text("")
+  except OSError:
+    return True
+  subprocess.run(["chattr", "-i", str(path)], check=True)
+  return False
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_seconds(data_dir, tmp_path):
+  directory = tmp_path / "checkpoints"
+  directory.mkdir()
+  if not _immutable(directory):
+    pytest.skip("needs chattr +i (root, on ext4/xfs/btrfs) to make a directory that the trainer cannot write")
+  try:
+    command = [sys.executable, "train.py", f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
+               "--config.total_steps=60", "--config.checkpoint_every_steps=2", "--config.batch_size=32",
+               "--config.warmup_steps=1"]
+    started = time.time()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)  # today: never exits
+  finally:
+    subprocess.run(["chattr", "-i", str(directory)], check=True)
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert last_line.startswith(f"train.py: error: saving checkpoint {directory / '2'} failed: PermissionError: "
+                              f"[Errno 1] Operation not permitted"), last_line
+  assert "[10] train/" not in result.stderr  # stopped at the first failed save, long before the 60 steps.
+  print(f"exited {time.time() - started:.1f}s after start")
+
+
+def _wait_for(path, text, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if path.exists() and text in path.read_text():
+      return
+    time.sleep(0.1)
+  raise AssertionError(f"{text!r} not seen:\n{path.read_text()[-3000:] if path.exists() else ''}")
+
+
+def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, caplog):
+  workdir, log = tmp_path / "run", tmp_path / "log.txt"
+  flags = ["--config.total_steps=5000", "--config.checkpoint_every_steps=5000", "--config.batch_size=32",
+           "--config.warmup_steps=1", "--config.log_every_steps=1"]
+  with open(log, "w") as log_file:
+    process = subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+                                *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=log_file, text=True)
+  try:
+    _wait_for(log, "[3] train/", process)
+    config = small_config(data_dir, total_steps=4, warmup_steps=1)
+    with pytest.raises(checkpoints.WorkdirLockedError,
+                       match=rf"in use by another trainer: host {socket.gethostname()}, pid {process.pid}"):
+      train_lib.train_and_evaluate(config, str(workdir))  # a second trainer, while the first one runs.
+    assert json.loads((workdir / "train.lock").read_text())["pid"] == process.pid  # the holder's lock kept
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    stdout, _ = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  stderr = log.read_text()
+  assert process.returncode == 130, stderr[-3000:]
+  assert "Ctrl-C: finishing this step, then checkpointing and exiting" in stderr
+  stopped_at = int(stdout.split("Interrupted (Ctrl-C): stopped at step ")[1].split(" ")[0])
+  assert os.listdir(workdir / "checkpoints") == [str(stopped_at)] and stopped_at >= 3
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  assert not (workdir / "train.lock").exists()
+
+  # A lock left by a killed run (its pid no longer running on this host) does not block a restart.
+  (workdir / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": process.pid}))
+  with caplog.at_level("WARNING"):
+    history = train_lib.train_and_evaluate(override(config, total_steps=stopped_at), str(workdir))
+  assert history["final_step"] == stopped_at
+  assert f"Removing the stale lock {workdir / 'train.lock'} of host {socket.gethostname()}, pid {process.pid}" \
+      in caplog.text
+  assert not (workdir / "train.lock").exists()
+
+
+def test_a_second_ctrl_c_aborts():
+  with train_lib._Preemption() as preemption:
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+    except KeyboardInterrupt:
+      pytest.fail("the first Ctrl-C raised instead of asking the loop to checkpoint")
+    assert preemption.signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+
+
+def test_skipping_non_finite_steps_gives_up_past_max_nonfinite_steps(data_dir, tmp_path, caplog):
+  config = override(_nan_config(data_dir, "skip"), max_nonfinite_steps=3)
+  expected = r"at step 6: 4 steps in a row skipped, more than config.max_nonfinite_steps=3"
+  with caplog.at_level("WARNING"), pytest.raises(train_lib.NonFiniteLossError, match=expected):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  for step in (3, 4, 5):
+    assert f"Step {step}: non-finite loss or gradients" in caplog.text
+  assert "update skipped (3 in a row, 3 in this run)" in caplog.text
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["1", "2", "3", "4", "5"]  # none after step 5
+
+
+def _cli_error(*args):
+  result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "learning_rate" in result.stderr
+  return result.stderr.strip()
+
+
+def test_bad_flags_fail_in_one_line_naming_the_flag(tmp_path):
+  # Each fails while the flags are parsed (well under a second).
+  assert _cli_error(f"--workdir={tmp_path}", "--config.learning_rate=0.1") == (
+      "train.py: error: unknown config key learning_rate (--config.learning_rate); config has no key like it  "
+      "(--verbose shows the traceback)")
+  message = _cli_error(f"--workdir={tmp_path}", "--config.model.varient=B/16")
+  assert message.startswith("train.py: error: unknown config key model.varient (--config.model.varient); "
+                            "did you mean --config.model.variant"), message
+  assert _cli_error("--config=no_such_config.py", "--config.lr=0.1") == (
+      f"train.py: error: --config=no_such_config.py: no such file {os.path.join(REPO, 'no_such_config.py')}")
+
+
+def test_bad_config_values_and_files_are_named(data_dir, tmp_path):
+  for key, value, message in (("model.variant", "Ti/0", r"config.model.variant='Ti/0': the patch size must be"),
+                              ("label_subset", "9-5", r"config.label_subset='9-5' selects no class")):
+    with pytest.raises(ValueError, match=message):
+      train_lib.validate_config(small_config(data_dir, **{key: value}), 1, 1)
+  config = small_config(data_dir, **{"init.checkpoint": str(tmp_path / "missing")})
+  with pytest.raises(FileNotFoundError, match=r"config.init.checkpoint='.*missing': .*missing does not exist"):
+    train_lib.prepare_pretrained(config, train_lib.setup(config))
+  notes = tmp_path / "notes.txt"
+  notes.write_text("not parameters")
+  with pytest.raises(ValueError, match=r"notes.txt is not a readable .npz of parameters"):
+    checkpoints.load_pretrained(str(notes))
