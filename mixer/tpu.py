@@ -95,7 +95,7 @@ def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     feature = builder.info.features[config.label_key]
-  except Exception:  # noqa: BLE001 (not a tfds dataset here, e.g. JFT): the config must say.
+  except Exception:  # not a tfds dataset here (e.g. JFT): the config must say.
     builder = feature = None
   multilabel = (isinstance(feature, tfds.features.Sequence) if feature is not None
                 else config.loss == "sigmoid_xent")
