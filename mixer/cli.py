@@ -1,9 +1,12 @@
 """What train.py and evaluate.py share: quieter library logs and the default config's path."""
 
+import json
 import logging as std_logging
 import os
 
+import ml_collections
 from absl import flags, logging
+from etils import epath
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
@@ -44,3 +47,27 @@ def setup_logging() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX.
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run wrote into its workdir (config.json), over today's defaults."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote "
+                            f"(or pass --config)")
+  # The defaults first, so that a workdir written before a field existed still evaluates.
+  from configs import default
+  config = default.get_config()
+  _update(config, json.loads(path.read_text()))
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _update(config[key], value)
+    elif isinstance(value, dict):
+      config[key] = ml_collections.ConfigDict(value)
+    else:
+      with config.ignore_type():
+        config[key] = value

@@ -36,14 +36,14 @@ def test_train_resume_and_evaluate(data_dir, tmp_path):
   trained = re.search(FINAL.format(step=50), out)
 
   out = _run("evaluate.py", f"--workdir={workdir}")
-  evaluated = re.search(r"Test top-1 \(digits:test, step 50, 359 examples\): ([0-9.]+)", out)
+  evaluated = re.search(r"Top-1 \(digits:test, step 50, 359 examples\): ([0-9.]+)", out)
   assert trained and evaluated, out[-3000:]
   assert evaluated.group(1) == trained.group(1)
 
   # The same checkpoint through --checkpoint, on a 2-device mesh: the params are laid out on the mesh.
   out = _run("evaluate.py", f"--workdir={workdir}", f"--checkpoint={workdir}",
              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  again = re.search(r"Test top-1 \(digits:test, step .*w, 359 examples\): ([0-9.]+)", out)
+  again = re.search(r"Top-1 \(digits:test, step .*w, 359 examples\): ([0-9.]+)", out)
   assert again and again.group(1) == trained.group(1), out[-3000:]
 
 
