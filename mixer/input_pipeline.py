@@ -6,7 +6,9 @@ resumed at step k so sees exactly the batches that an uninterrupted run sees fro
 """
 
 import collections
+import contextlib
 import dataclasses
+import io
 import math
 from collections.abc import Iterator
 
@@ -58,7 +60,10 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
   if config.dataset in datasets.EMBEDDED or folder.is_folder(config.dataset):
     # Every process takes the same path (one sync), whichever of them already sees the data.
     if jax.process_index() == 0 and not builder.is_prepared():
-      builder.download_and_prepare()
+      logging.info("Preparing %s in %s (once)", config.dataset, builder.data_dir)
+      quiet = logging.get_verbosity() < logging.DEBUG  # tfds prints "Downloading..." for data it does not download.
+      with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        builder.download_and_prepare()
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"prepare {config.dataset}")
     builder = make()

@@ -9,6 +9,7 @@ Images go through the run's eval preprocessing (config.pp_eval); class names com
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -127,7 +128,8 @@ def predict(config, model, params, paths: list[str], top: int, batch_size: int =
     try:
       image = pp({"image": tf.constant(tf.io.gfile.GFile(paths[i], "rb").read())})["image"].numpy()
     except tf.errors.OpError as e:
-      results[i] = {"file": paths[i], "error": f"not a readable image ({e.message.splitlines()[0]})"}
+      reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*", "", e.message.splitlines()[0])
+      results[i] = {"file": paths[i], "error": f"not a readable image ({reason})"}
       continue
     batch.append(image)
     where.append(i)
@@ -153,6 +155,7 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("name the images (files or directories) to classify")
   cli.setup_logging()
+  cli.start_backends()
   if not FLAGS.workdir and not (FLAGS.checkpoint and FLAGS.config):
     raise app.UsageError("pass --workdir, or --checkpoint with --config")
   config = FLAGS.config or cli.load_config(FLAGS.workdir)

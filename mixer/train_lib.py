@@ -14,7 +14,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mixer import checkpoints, fewshot, input_pipeline, models, optim, sharding, steps
+from mixer import checkpoints, console, fewshot, input_pipeline, models, optim, sharding, steps
 
 
 def validate_config(config, num_devices: int, num_processes: int) -> None:
@@ -178,9 +178,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx = optim.create_optimizer(config, schedule)
   state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
                                                    config.param_sharding)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Model %s: %.2fM parameters; %d steps on a %s mesh", config.model.variant,
-               num_params / 1e6, num_steps, dict(s.mesh.shape))
 
   manager = checkpoints.create_manager(workdir, config)
   restored_step, restored = checkpoints.restore_latest(manager, checkpoints.abstract(state))
@@ -192,6 +189,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = state.replace(params=jax.device_put(params, state_sharding.params))
     logging.info("Initialised from %s (new head: %s)", config.init.checkpoint, config.init.new_head)
   start_step = int(state.step)
+  logging.info("%s", console.header(
+      config.model.variant, sum(x.size for x in jax.tree.leaves(state.params)), dict(s.mesh.shape), config.dataset,
+      s.info.num_train_examples, s.info.num_eval_examples, s.num_classes, s.image_shape, num_steps,
+      config.batch_size, start_step))
+  progress = console.Progress(num_steps, config.batch_size)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -223,6 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     summary["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
     writer.write_scalars(last, {f"train/{k}": v for k, v in summary.items()})
     history["train"].append({"step": last, **summary})
+    progress.report(last, summary)
     pending = []
 
   with _Preemption() as preemption:

@@ -137,6 +137,13 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
   stdout, stderr = first_run
   final = re.findall(FINAL, stdout + stderr)
   assert len(final) == 1, stdout + stderr  # the result once
+  lines = stderr.splitlines()
+  progress = [i for i, line in enumerate(lines) if re.fullmatch(
+      r"step \d+/6  loss [0-9.]+  train acc [0-9.]+(  [0-9,]+ img/s  ETA \S+)?", line)]
+  assert progress and progress[0] <= 10, stderr  # a short header, then training (a quiet console)
+  assert len(lines) <= 15 and len(stderr) < 2000, stderr
+  assert re.search(r"Model Ti/4: 0.54M parameters on a 1 data x 1 model mesh\nData digits: 1438 train / 359 eval "
+                   r"images, 10 classes, 16x16x1 input\nTraining 6 steps of batch 32", stderr), stderr
   assert (root / "workdir" / "checkpoints" / "6").is_dir() and (root / "workdir" / "config.json").exists()
 
   out = run(root, "python evaluate.py --workdir workdir")
@@ -150,6 +157,7 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
 
   out = run(root, "python -m mixer.visualize --workdir workdir --out fig.png")
   assert (root / "fig.png").stat().st_size > 10_000
+  assert "no few-shot curves: train with --config.fewshot.every_steps=N" in out, out  # this run logged none
 
   out = run(root, "python -m mixer.predict --workdir workdir digit.png")
   lines = out.splitlines()
