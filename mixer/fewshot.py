@@ -65,7 +65,8 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
   """
   if progress:
     from tqdm import tqdm
-    batches = tqdm(batches, desc=progress, leave=False, disable=jax.process_index() > 0)
+    # On a terminal only: in a log file its lines would run into the results printed after it.
+    batches = tqdm(batches, desc=progress, leave=False, disable=True if jax.process_index() > 0 else None)
   outputs = []
   for i, batch in enumerate(batches, 1):
     outputs.append((features_fn(params, batch["image"]), batch["label"], batch["index"], batch["mask"]))

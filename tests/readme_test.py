@@ -145,6 +145,9 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
   assert re.search(r"Model Ti/4: 0.54M parameters on a 1 data x 1 model mesh\nData digits: 1438 train / 359 eval "
                    r"images, 10 classes, 16x16x1 input\nTraining 6 steps of batch 32", stderr), stderr
   assert (root / "workdir" / "checkpoints" / "6").is_dir() and (root / "workdir" / "config.json").exists()
+  out = run(root, "python train.py")  # the same command again: a finished run, nothing to do
+  assert "Nothing to train: the checkpoint in workdir is already at step 6" in out, out
+  assert len(list((root / "workdir").glob("events.out.tfevents.*"))) == 1
 
   out = run(root, "python evaluate.py --workdir workdir")
   assert re.search(r"Top-1 \(digits:test, step 6, 359 examples\): " + final[0], out), out
