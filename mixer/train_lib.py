@@ -193,11 +193,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       config.model.variant, sum(x.size for x in jax.tree.leaves(state.params)), dict(s.mesh.shape), config.dataset,
       s.info.num_train_examples, s.info.num_eval_examples, s.num_classes, s.image_shape, num_steps,
       config.batch_size, start_step))
-  progress = console.Progress(num_steps, config.batch_size)
-
   if start_step >= num_steps:  # a finished run: no input pipeline, no second TensorBoard events file.
     manager.close()
     return {"train": [], "eval": [], "fewshot": [], "final_step": start_step}
+
+  progress = console.Progress(num_steps, config.batch_size)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))

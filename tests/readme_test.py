@@ -90,10 +90,13 @@ def _default_data_dir(data_dir, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
 
 
-def run(root, command: str) -> str:
-  """Runs a README command in this process, as `python ...` would from `root`; returns its output."""
+def run(root, command: str, extra=None) -> str:
+  """Runs a README command in this process, as `python ...` would from `root` (with COMMANDS' flags, or
+  `extra`); returns what it printed and logged."""
+  import logging
+
   from absl import flags
-  extra = COMMANDS[command]
+  extra = COMMANDS[command] if extra is None else extra
   args = shlex.split(command)[1:] + list(extra)
   if args[0] == "-m":
     module, args = args[1], args[2:]
@@ -104,6 +107,9 @@ def run(root, command: str) -> str:
   before = set(flags.FLAGS)
   out = io.StringIO()
   cwd, argv = os.getcwd(), sys.argv
+  log = logging.StreamHandler(out)
+  log.addFilter(mixer.cli._QuietLibraries())  # what the console shows
+  logging.getLogger().addHandler(log)
   try:
     os.chdir(root)
     sys.argv = [script, *args]
@@ -112,6 +118,7 @@ def run(root, command: str) -> str:
   except SystemExit as e:
     assert e.code in (0, None), f"{command} exited with {e.code}:\n{out.getvalue()[-3000:]}"
   finally:
+    logging.getLogger().removeHandler(log)
     os.chdir(cwd)
     sys.argv = argv
     for name in set(flags.FLAGS) - before:
@@ -145,14 +152,25 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
   assert re.search(r"Model Ti/4: 0.54M parameters on a 1 data x 1 model mesh\nData digits: 1438 train / 359 eval "
                    r"images, 10 classes, 16x16x1 input\nTraining 6 steps of batch 32", stderr), stderr
   assert (root / "workdir" / "checkpoints" / "6").is_dir() and (root / "workdir" / "config.json").exists()
-  out = run(root, "python train.py")  # the same command again: a finished run, nothing to do
-  assert "Nothing to train: the checkpoint in workdir is already at step 6" in out, out
-  assert len(list((root / "workdir").glob("events.out.tfevents.*"))) == 1
+  longer = SHORT[1:] + ("--config.total_steps=8",)
+  out = run(root, "python train.py", extra=longer)  # the same workdir resumes, to a longer end
+  assert "Restored checkpoint from step 6" in out, out
+  final = re.findall(r"Final test top-1 \(digits:test, step 8, 359 examples\): ([0-9.]+)", out)
+  assert len(final) == 1, out
+  out = run(root, "python train.py", extra=longer)  # a finished run: nothing to do
+  assert "Nothing to train: the checkpoint in workdir is already at step 8" in out, out
+  assert len(list((root / "workdir").glob("events.out.tfevents.*"))) == 2  # the first run's and the resumed one's
 
   out = run(root, "python evaluate.py --workdir workdir")
-  assert re.search(r"Top-1 \(digits:test, step 6, 359 examples\): " + final[0], out), out
+  assert re.search(r"Top-1 \(digits:test, step 8, 359 examples\): " + final[0], out), out
+  # The same checkpoint through --checkpoint on a 2-device mesh (a fresh process: the device count is fixed
+  # at start): the params are laid out on the mesh.
+  result = subprocess.run([sys.executable, "evaluate.py", "--workdir=workdir", "--checkpoint=workdir"], cwd=root,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          capture_output=True, text=True, timeout=600)
+  assert re.search(r"Top-1 \(digits:test, step workdir, 359 examples\): " + final[0], result.stdout), result
   out = run(root, "python evaluate.py --workdir workdir --split train")
-  assert re.search(r"Top-1 \(digits:train, step 6, 1438 examples\): [0-9.]+", out), out
+  assert re.search(r"Top-1 \(digits:train, step 8, 1438 examples\): [0-9.]+", out), out
   out = run(root, "python evaluate.py --workdir workdir --fewshot")
   assert re.search(r"digits +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+", out), out
   out = run(root, "python evaluate.py --workdir workdir --fewshot --notop1 --random_init")
