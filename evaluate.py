@@ -11,7 +11,6 @@ Results are printed and written as JSON into the workdir.
 import json
 
 import jax
-import ml_collections
 from absl import app, flags
 from etils import epath
 
@@ -24,31 +23,10 @@ errors.define_config_file("config", None, "Config file; default: the workdir's c
 flags.DEFINE_string("split", None, "tfds split for top-1; default: the config's eval_split.")
 flags.DEFINE_bool("top1", True, "Top-1 over the whole split.")
 flags.DEFINE_bool("fewshot", False, "Few-shot linear regression on config.fewshot.datasets.")
+flags.DEFINE_string("fewshot_dataset", None, "Few-shot on this dataset's train and eval splits (e.g. the run's "
+                    "own, folder:PATH) instead of config.fewshot.datasets.")
 flags.DEFINE_bool("random_init", False, "Evaluate the config's model at initialisation (a baseline), not a checkpoint.")
 FLAGS = flags.FLAGS
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote "
-                            f"(or pass --config)")
-  # The defaults first, so that a workdir written before a field existed still evaluates.
-  from configs import default
-  config = default.get_config()
-  _update(config, json.loads(path.read_text()))
-  return config
-
-
-def _update(config: ml_collections.ConfigDict, values: dict) -> None:
-  for key, value in values.items():
-    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-      _update(config[key], value)
-    elif isinstance(value, dict):
-      config[key] = ml_collections.ConfigDict(value)
-    else:
-      with config.ignore_type():
-        config[key] = value
 
 
 def load_checkpoint(path: str) -> dict:
@@ -65,7 +43,7 @@ def main(argv):
   cli.setup_logging()
   cli.initialize_distributed()
   from mixer import fewshot, input_pipeline, steps, train_lib
-  config = FLAGS.config or load_config(FLAGS.workdir)
+  config = FLAGS.config or cli.load_config(FLAGS.workdir)
   s = train_lib.setup(config)
   init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
   # Params laid out on the whole mesh by config.param_sharding, as load_params restores them.
@@ -87,9 +65,11 @@ def main(argv):
     results.update(split=split, **steps.evaluate(
         eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split),
         sync_every=config.sync_every_steps))
-    print(f"Test top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
+    print(f"Top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
           f"{results['top1']:.4f}")
   if FLAGS.fewshot:
+    if FLAGS.fewshot_dataset:
+      config.fewshot.datasets = {FLAGS.fewshot_dataset: (FLAGS.fewshot_dataset, config.train_split, config.eval_split)}
     few = fewshot.run(config.fewshot, s.model, params, params_sharding, s.mesh, config.data_dir, progress=True)
     results["fewshot"] = few
     print(f"Few-shot linear regression top-1 (%), mean of {config.fewshot.seeds} seeds, step {step}:")

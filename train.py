@@ -43,7 +43,6 @@ def main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
   final = history["eval"][-1] if history["eval"] else None
   if final:
-    logging.info("Final %s top-1: %.4f", FLAGS.config.eval_split, final["top1"])
     print(f"Final test top-1 ({FLAGS.config.dataset}:{FLAGS.config.eval_split}, step {final['step']}, "
           f"{final['num_examples']} examples): {final['top1']:.4f}")
   else:

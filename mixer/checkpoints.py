@@ -47,8 +47,12 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def _directory(workdir: str) -> epath.Path:
-  directory = epath.Path(workdir) / "checkpoints"
-  return directory if "://" in str(workdir) else directory.absolute()  # gs:// and the like are absolute.
+  return absolute(workdir) / "checkpoints"
+
+
+def absolute(path: str) -> epath.Path:
+  """A user's path, made absolute as orbax requires (gs:// and the like already are)."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(path).absolute()
 
 
 def abstract(tree: Any) -> Any:
@@ -224,7 +228,7 @@ def restore_params(path: str, abstract_params: Any = None) -> tuple[int, Any]:
   optimizer loads. `abstract_params` gives the shapes, dtypes and shardings to restore to (a mismatch
   is an error that lists every differing array); without it the params come back on one device, as saved.
   """
-  path = epath.Path(path)
+  path = absolute(path)
   directory = path / "checkpoints" if (path / "checkpoints").exists() else path
   if not directory.is_dir():
     raise FileNotFoundError(f"{path} is not a directory of orbax checkpoints (nor a .npz file)")

@@ -1,13 +1,20 @@
-"""What train.py and evaluate.py share: quieter library logs and the default config's path."""
+"""What the entry points share: a quiet console (library noise with --verbosity=1), multi-process start,
+the default config's path and a run's saved config."""
 
+import contextlib
+import json
 import logging as std_logging
 import os
+import re
+import sys
+import tempfile
 
+import ml_collections
 from absl import flags, logging
+from etils import epath
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "default.py")
-_CHATTY = ("/orbax/", "/jax/_src/", "/tensorflow_datasets/")
 
 
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with the cluster's auto-detected "
@@ -27,20 +34,114 @@ def initialize_distributed() -> None:
   elif flags.FLAGS.multihost:
     jax.distributed.initialize()
   else:
+    start_backends()
     return
+  start_backends()
   logging.info("Process %d of %d; %d local of %d devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 
 
+# Library lines that say nothing to a researcher (TensorFlow's start-up banners; libtpu's complaints on
+# a host that is no TPU VM): dropped by default, shown with --verbosity=1.
+_NATIVE_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|cpu_feature_guard|"
+    r"To enable the following instructions|rebuild TensorFlow with the appropriate|TPU accelerator type|"
+    r"TPU_WORKER_HOSTNAMES|TPU worker hostnames|Logging before InitGoogle|Source Location Trace|"
+    r"libtpu_init_utils|^\s*$")
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mixer/, train.py, evaluate.py
+_CHATTY = ("/orbax/", "/jax/", "/jaxlib/", "/tensorflow_datasets/", "/clu/", "/matplotlib/", "/etils/")
+
+
+def verbose() -> bool:
+  """--verbosity=1 (absl's flag) or more: show library logs and native start-up messages."""
+  return logging.get_verbosity() >= logging.DEBUG
+
+
 class _QuietLibraries(std_logging.Filter):
-  """Drops INFO records from libraries that log every checkpoint write and compile."""
+  """Keeps our INFO lines and other libraries' warnings; drops their INFO lines and the warnings that
+  orbax, jax, tfds and clu log on every restore or compile."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in _CHATTY)
+    if record.levelno >= std_logging.ERROR or verbose():
+      return True
+    ours = record.pathname.startswith(_OURS) and "site-packages" not in record.pathname
+    if ours:
+      return True
+    return record.levelno >= std_logging.WARNING and not any(p in record.pathname for p in _CHATTY)
+
+
+class _Plain(std_logging.Formatter):
+  """Messages without absl's prefix (time, thread, file): `WARNING: ...` marks the exceptional ones."""
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    message = record.getMessage()
+    return message if record.levelno < std_logging.WARNING else f"{record.levelname}: {message}"
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered():
+  """Captures what native code writes to stderr meanwhile and passes on all but the known noise."""
+  if verbose():
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors="replace").splitlines()
+              if not _NATIVE_NOISE.search(line)]
+      if kept:
+        print("\n".join(kept), file=sys.stderr)
 
 
 def setup_logging() -> None:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  import tensorflow as tf
+  """A quiet console by default: our lines without absl's prefixes, no library chatter; everything
+  with --verbosity=1."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  if not verbose():
+    handler.setFormatter(_Plain())
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "1")
+  with _native_stderr_filtered():
+    import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX.
+  import tensorflow_datasets as tfds
+  if not verbose():
+    tfds.disable_progress_bar()
+
+
+def start_backends() -> None:
+  """Starts JAX's backends now (after initialize_distributed), so that their start-up noise is filtered."""
+  import jax
+  with _native_stderr_filtered():
+    jax.devices()
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run wrote into its workdir (config.json), over today's defaults."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote "
+                            f"(or pass --config)")
+  # The defaults first, so that a workdir written before a field existed still evaluates.
+  from configs import default
+  config = default.get_config()
+  _update(config, json.loads(path.read_text()))
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _update(config[key], value)
+    elif isinstance(value, dict):
+      config[key] = ml_collections.ConfigDict(value)
+    else:
+      with config.ignore_type():
+        config[key] = value

@@ -65,7 +65,8 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
   """
   if progress:
     from tqdm import tqdm
-    batches = tqdm(batches, desc=progress, leave=False, disable=jax.process_index() > 0)
+    # On a terminal only: in a log file its lines would run into the results printed after it.
+    batches = tqdm(batches, desc=progress, leave=False, disable=True if jax.process_index() > 0 else None)
   outputs = []
   for i, batch in enumerate(batches, 1):
     outputs.append((features_fn(params, batch["image"]), batch["label"], batch["index"], batch["mask"]))
@@ -96,14 +97,10 @@ def run(fewshot_config, model, params, params_sharding, mesh, data_dir=None, pro
   Returns {dataset: {shots: mean accuracy}} under "mean", {dataset: {shots: [per seed]}} under "seeds", and
   {dataset: [shots]} under "skipped": the shot counts that a class of the dataset's train split cannot supply.
   """
-  import tensorflow_datasets as tfds
   features_fn = make_features_fn(model, params_sharding, mesh)
   means, per_seed, skipped = {}, {}, {}
   for name, (tfds_name, train_split, test_split) in fewshot_config.datasets.items():
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-    if not builder.is_prepared():
-      input_pipeline.get_builder(_dataset_config(tfds_name, data_dir))  # embedded ones prepare here.
-      builder = tfds.builder(tfds_name, data_dir=data_dir)
+    builder = input_pipeline.get_builder(_dataset_config(tfds_name, data_dir))  # embedded ones prepare here.
     num_classes = builder.info.features["label"].num_classes
     labels = input_pipeline.read_labels(builder, train_split)
     # A shot count that some class cannot supply (Flowers-102 has 10 train images per class) is left out
@@ -157,4 +154,4 @@ def table(results: dict) -> str:
 
 def _dataset_config(tfds_name, data_dir):
   import ml_collections
-  return ml_collections.ConfigDict({"dataset": tfds_name, "data_dir": data_dir})
+  return ml_collections.ConfigDict({"dataset": tfds_name, "data_dir": data_dir, "bad_images": "fail"})

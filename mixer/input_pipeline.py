@@ -6,7 +6,9 @@ resumed at step k so sees exactly the batches that an uninterrupted run sees fro
 """
 
 import collections
+import contextlib
 import dataclasses
+import io
 import math
 from collections.abc import Iterator
 
@@ -18,6 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mixer import datasets, preprocess, sharding
+from mixer.datasets import folder
 
 Batch = dict[str, jax.Array]
 
@@ -46,17 +49,24 @@ def label_subset(config) -> list[int] | None:
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
   """The tfds builder of config.dataset, prepared: embedded datasets are built on first use."""
+  def make():
+    if folder.is_folder(config.dataset):
+      return folder.builder(config.dataset, config.data_dir, config.get("bad_images", "fail"))
+    return tfds.builder(config.dataset, data_dir=config.data_dir)
   try:
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    builder = make()
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset: {e}") from None
-  if config.dataset in datasets.EMBEDDED:
+  if config.dataset in datasets.EMBEDDED or folder.is_folder(config.dataset):
     # Every process takes the same path (one sync), whichever of them already sees the data.
     if jax.process_index() == 0 and not builder.is_prepared():
-      builder.download_and_prepare()
+      logging.info("Preparing %s in %s (once)", config.dataset, builder.data_dir)
+      quiet = logging.get_verbosity() < logging.DEBUG  # tfds prints "Downloading..." for data it does not download.
+      with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        builder.download_and_prepare()
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"prepare {config.dataset}")
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    builder = make()
     if not builder.is_prepared():  # process 0 prepared it in a data_dir that this process does not see.
       raise FileNotFoundError(
           f"config.dataset={config.dataset!r}: process 0 prepared it in data_dir={builder.data_dir!r}, which "

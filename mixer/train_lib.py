@@ -15,7 +15,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mixer import checkpoints, fewshot, input_pipeline, models, optim, sharding, steps
+from mixer import checkpoints, console, fewshot, input_pipeline, models, optim, sharding, steps
 
 
 def validate_config(config, num_devices: int, num_processes: int) -> None:
@@ -204,9 +204,6 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
   tx = optim.create_optimizer(config, schedule)
   state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
                                                    config.param_sharding)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Model %s: %.2fM parameters; %d steps on a %s mesh", config.model.variant,
-               num_params / 1e6, num_steps, dict(s.mesh.shape))
 
   manager = checkpoints.create_manager(workdir, config)
   try:
@@ -223,7 +220,15 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
     state = state.replace(params=jax.device_put(params, state_sharding.params))
     logging.info("Initialised from %s (new head: %s)", config.init.checkpoint, config.init.new_head)
   start_step = int(state.step)
+  logging.info("%s", console.header(
+      config.model.variant, sum(x.size for x in jax.tree.leaves(state.params)), dict(s.mesh.shape), config.dataset,
+      s.info.num_train_examples, s.info.num_eval_examples, s.num_classes, s.image_shape, num_steps,
+      config.batch_size, start_step))
+  if start_step >= num_steps:  # a finished run: no input pipeline, no second TensorBoard events file.
+    manager.close()
+    return {"train": [], "eval": [], "fewshot": [], "final_step": start_step}
 
+  progress = console.Progress(num_steps, config.batch_size)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
@@ -256,6 +261,7 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
     summary["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
     writer.write_scalars(last, {f"train/{k}": v for k, v in summary.items()})
     history["train"].append({"step": last, **summary})
+    progress.report(last, summary)
     pending = []
 
   with _Preemption() as preemption:

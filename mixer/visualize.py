@@ -44,15 +44,15 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
-def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64) -> None:
+def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64) -> list[str]:
+  """Writes the figure; returns what the run has no curves of (also written into the figure)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   names = sorted((k for k in params if k.startswith("MixerBlock_")), key=lambda k: int(k.split("_")[1]))[:blocks]
   curves = {t: v for t, v in scalars.items() if t.startswith("fewshot/") or t == "eval/top1"}
-  fig, axes = plt.subplots(1, len(names) + (1 if curves else 0), figsize=(4.2 * (len(names) + bool(curves)), 4.4),
-                           squeeze=False)
+  fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4.4), squeeze=False)
   for ax, name in zip(axes[0], names, strict=False):
     kernel = np.asarray(params[name]["token_mixing"]["Dense_0"]["kernel"])
     side = math.isqrt(kernel.shape[0])
@@ -62,31 +62,40 @@ def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64
     ax.set_title(f"{name}: token-mixing units\n(first {min(units, kernel.shape[1])} of {kernel.shape[1]})",
                  fontsize=9)
     ax.axis("off")
+  ax = axes[0][-1]
+  missing = [what for what, prefix in (("few-shot curves: train with --config.fewshot.every_steps=N", "fewshot/"),
+                                       ("a top-1 curve: no eval was logged", "eval/top1"))
+             if not any(t.startswith(prefix) for t in curves)]
+  if missing:
+    ax.text(0.02, 0.02, "No " + "\nNo ".join(missing), transform=ax.transAxes, fontsize=7, va="bottom")
   if curves:
-    ax = axes[0][-1]
     shots = lambda tag: int("".join(ch for ch in tag.rsplit("_", 1)[-1] if ch.isdigit()) or 0)
     for tag, points in sorted(curves.items(), key=lambda item: (item[0].startswith("fewshot"), shots(item[0]))):
       steps, values = zip(*points, strict=True)
       ax.plot(steps, values, marker="o", markersize=3, label=tag.replace("fewshot/", "").replace("eval/", "test "))
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy")
-    ax.set_title("few-shot linear regression and top-1", fontsize=9)
+    shown = [w for w, p in (("few-shot linear regression", "fewshot/"), ("test top-1", "eval/top1"))
+             if any(t.startswith(p) for t in curves)]
+    ax.set_title(" and ".join(shown), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
   plt.close(fig)
+  return missing
 
 
 def main(argv):
   del argv
   from absl import flags
 
-  from mixer import checkpoints
+  from mixer import checkpoints, cli
+  cli.setup_logging()
   flags_ = flags.FLAGS
   params = checkpoints.load_pretrained(flags_.workdir)
-  plot(params, read_scalars(flags_.workdir), flags_.out, flags_.blocks, flags_.units)
-  print(f"Wrote {flags_.out}")
+  missing = plot(params, read_scalars(flags_.workdir), flags_.out, flags_.blocks, flags_.units)
+  print(f"Wrote {flags_.out}" + "".join(f"\n  no {what}" for what in missing))
 
 
 if __name__ == "__main__":

@@ -86,3 +86,31 @@ def mock_tfds(name: str, data_dir: str, splits: dict[str, int]):
   with tfds.testing.mock_data(num_examples=max(splits.values()), policy=tfds.testing.MockPolicy.USE_FILES,
                               data_dir=data_dir):
     yield
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CORRUPT_IMAGE = "train/seven/corrupt.png"
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> str:
+  """Your own images, as a user has them: scikit-learn's digits rendered as 32px RGB PNG files in
+  SPLIT/CLASS/ folders (40 per class: 32 train, 8 test), plus one corrupt PNG (CORRUPT_IMAGE)."""
+  import numpy as np
+  from PIL import Image
+  from sklearn import datasets
+  root = tmp_path_factory.mktemp("images")
+  digits = datasets.load_digits()
+  counts = {}
+  for image, label in zip(digits.images, digits.target, strict=True):
+    n = counts.setdefault(label, 0)
+    if n == 40:
+      continue
+    counts[label] = n + 1
+    split = "train" if n < 32 else "test"
+    pixels = np.kron(np.round(image * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))  # 8 -> 32px
+    rgb = np.stack([pixels, pixels // 2, 255 - pixels], axis=-1)
+    os.makedirs(root / split / DIGIT_NAMES[label], exist_ok=True)
+    Image.fromarray(rgb).save(root / split / DIGIT_NAMES[label] / f"{n:03d}.png")
+  (root / CORRUPT_IMAGE).write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+  return str(root)

@@ -137,3 +137,33 @@ def test_imagenet2012_config_on_mock_data(tmp_path, mesh):
       assert np.all((0 <= np.asarray(batch["label"])) & (np.asarray(batch["label"]) < 1000))
     masks = [float(b["mask"].sum()) for b in input_pipeline.eval_iterator(config, builder, info, mesh)]
     assert masks == [16.0, 8.0]
+
+
+def test_folder_dataset_names_a_corrupt_image_and_skips_it_on_request(digits_folder, tmp_path, mesh):
+  from tests.conftest import CORRUPT_IMAGE, DIGIT_NAMES
+  config = small_config(str(tmp_path), dataset=f"folder:{digits_folder}")
+  with pytest.raises(ValueError, match=f"{digits_folder}/{CORRUPT_IMAGE} is not a readable image.*bad_images=skip"):
+    _setup(config)
+  config.bad_images = "skip"
+  builder, info = _setup(config)
+  assert builder.info.features["label"].names == sorted(DIGIT_NAMES)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 320, 80)
+  assert input_pipeline.image_shape(config, builder) == (16, 16, 1)  # the default pp on 32px RGB PNGs
+  labels = collections.Counter()
+  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
+    labels.update(np.asarray(batch["label"])[np.asarray(batch["mask"]) > 0].tolist())
+  assert labels == {c: 8 for c in range(10)}
+  assert _setup(config)[0].data_dir == builder.data_dir  # prepared once per version of the folder
+
+
+def test_folder_of_class_folders_holds_out_a_test_split(tmp_path):
+  from PIL import Image
+  for label in ("cat", "dog"):
+    (tmp_path / "images" / label).mkdir(parents=True)
+    for i in range(10):
+      Image.fromarray(np.full((5, 7, 3), 20 * i, np.uint8)).save(tmp_path / "images" / label / f"{i}.jpg")
+  builder, info = _setup(small_config(str(tmp_path / "tfds"), dataset=f"folder:{tmp_path / 'images'}"))
+  assert builder.info.features["label"].names == ["cat", "dog"]
+  assert (info.num_train_examples, info.num_eval_examples) == (16, 4)
+  with pytest.raises(FileNotFoundError, match="config.dataset=folder:.*missing is not a directory"):
+    _setup(small_config(str(tmp_path / "tfds"), dataset=f"folder:{tmp_path / 'missing'}"))

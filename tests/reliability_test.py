@@ -47,7 +47,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(data_dir, tmp_
   code, log = _finish(_train(tmp_path / "straight", data_dir, *total))
   assert code == 0, log[-3000:]
 
-  interrupted = _train(tmp_path / "stopped", data_dir, *total)
+  interrupted = _train(tmp_path / "stopped", data_dir, *total, "--verbosity=1")  # the metric writer's lines
   for line in interrupted.stderr:  # wait until training is under way, then preempt it.
     if "[10] train/" in line:
       interrupted.send_signal(signal.SIGTERM)

@@ -1,0 +1,65 @@
+"""What a training run tells a person at the console: a short header and a progress line with loss,
+images/s and ETA every few seconds on a terminal (less often into a log file)."""
+
+import sys
+import time
+
+from absl import logging
+
+TERMINAL_EVERY_S = 5.0  # a person watching
+LOG_FILE_EVERY_S = 60.0  # a log file read later
+
+
+def header(variant: str, num_params: int, mesh_shape: dict, dataset: str, num_train: int, num_eval: int,
+           num_classes: int, image_shape: tuple, num_steps: int, batch_size: int, start_step: int) -> str:
+  mesh = " x ".join(f"{n} {axis}" for axis, n in mesh_shape.items())
+  resume = f", resuming at step {start_step}" if start_step else ""
+  return (f"Model {variant}: {num_params / 1e6:.2f}M parameters on a {mesh} mesh\n"
+          f"Data {dataset}: {num_train} train / {num_eval} eval images, {num_classes} classes, "
+          f"{'x'.join(map(str, image_shape))} input\n"
+          f"Training {num_steps} steps of batch {batch_size} ({num_steps * batch_size / max(num_train, 1):.1f} "
+          f"epochs){resume}")
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  minutes, seconds = divmod(seconds, 60)
+  if minutes < 60:
+    return f"{minutes}m{seconds:02d}s"
+  return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class Progress:
+  """Logs `step/total  loss  acc  img/s  ETA` at most every `every_s` seconds, and always at the last step.
+
+  Speed and ETA count from the first report on, so that compilation does not distort them.
+  """
+
+  def __init__(self, total_steps: int, batch_size: int, every_s: float | None = None, clock=time.monotonic):
+    self.total, self.batch, self.clock = total_steps, batch_size, clock
+    self.every_s = every_s if every_s is not None else (TERMINAL_EVERY_S if sys.stderr.isatty() else
+                                                        LOG_FILE_EVERY_S)
+    self._last_time = self._last_step = None
+    self._first_time = self._first_step = None
+
+  def due(self, step: int) -> bool:
+    return step == self.total or self._last_time is None or self.clock() - self._last_time >= self.every_s
+
+  def line(self, step: int, metrics: dict) -> str:
+    now = self.clock()
+    parts = [f"step {step}/{self.total}", f"loss {metrics['loss']:.4f}"]
+    if "accuracy" in metrics:
+      parts.append(f"train acc {metrics['accuracy']:.3f}")
+    if self._first_time is not None and step > self._first_step and now > self._first_time:
+      per_step = (now - self._first_time) / (step - self._first_step)
+      parts += [f"{self.batch / per_step:,.0f} img/s", f"ETA {_duration(per_step * (self.total - step))}"]
+    else:
+      self._first_time, self._first_step = now, step
+    self._last_time, self._last_step = now, step
+    return "  ".join(parts)
+
+  def report(self, step: int, metrics: dict) -> None:
+    if self.due(step):
+      logging.info("%s", self.line(step, metrics))

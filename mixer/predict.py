@@ -1,0 +1,172 @@
+"""Classifies your own images with a trained run or a released checkpoint: top-k classes with names.
+
+  python -m mixer.predict --workdir workdir digit.png photos/          # a directory: all its images
+  python -m mixer.predict --checkpoint imagenet1k_Mixer-B_16.npz --config configs/mixer_b16_imagenet2012.py cat.jpg
+  python -m mixer.predict --workdir workdir --json digit.png
+Images go through the run's eval preprocessing (config.pp_eval); class names come from its dataset.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mixer import cli
+
+flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint and config.json.")
+flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) instead of the workdir's checkpoint; "
+                    "needs --config unless --workdir has config.json.")
+config_flags.DEFINE_config_file("config", None, "Config file (model, pp_eval, dataset for class names); "
+                                "default: the workdir's config.json.")
+flags.DEFINE_integer("top", 5, "Classes shown per image.")
+flags.DEFINE_bool("json", False, "Print one JSON document instead of a table.")
+flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+FLAGS = flags.FLAGS
+
+
+def image_paths(args: list[str]) -> list[str]:
+  """The files given, and every image directly in each directory given, in order."""
+  from mixer.datasets import folder
+  paths = []
+  for arg in args:
+    if os.path.isdir(arg):
+      found = folder.list_images(arg)
+      if not found:
+        raise ValueError(f"{arg} is a directory without images ({', '.join(folder.EXTENSIONS)})")
+      paths += found
+    elif os.path.isfile(arg):
+      paths.append(arg)
+    else:
+      raise FileNotFoundError(f"{arg} is not a file or directory")
+  return paths
+
+
+def _lemmas() -> dict[str, str]:
+  """ImageNet synset id -> readable name, from timm's table when timm is installed (benchmarks/requirements)."""
+  spec = importlib.util.find_spec("timm")
+  if spec is None or not spec.submodule_search_locations:
+    return {}
+  path = os.path.join(spec.submodule_search_locations[0], "data", "_info", "imagenet_synset_to_lemma.txt")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+
+
+def class_names(config, num_classes: int) -> list[str]:
+  """The names of the model's classes: its dataset's ClassLabel names (after config.label_subset);
+  ImageNet synset ids get readable names where timm is installed; "class N" when none are known."""
+  from mixer import input_pipeline
+  from mixer.datasets import folder
+  try:
+    if folder.is_folder(config.dataset):
+      names = folder.builder(config.dataset, config.data_dir).info.features[config.label_key].names
+    else:
+      import tensorflow_datasets as tfds
+      feature = tfds.builder(config.dataset, data_dir=config.data_dir).info.features[config.label_key]
+      names = getattr(feature, "feature", feature).names  # a Sequence of labels: its ClassLabel.
+  except Exception as e:  # noqa: BLE001 - names are a convenience; the prediction stands without them.
+    logging.warning("No class names from config.dataset=%r (%s): showing class indices", config.dataset, e)
+    return [f"class {i}" for i in range(num_classes)]
+  subset = input_pipeline.label_subset(config)
+  names = [names[i] for i in subset] if subset is not None else list(names)
+  if len(names) != num_classes:
+    logging.warning("config.dataset=%r has %d classes, the model %d: showing class indices", config.dataset,
+                    len(names), num_classes)
+    return [f"class {i}" for i in range(num_classes)]
+  lemmas = _lemmas() if names and names[0].startswith("n") and names[0][1:].isdigit() else {}
+  return [f"{lemmas[n]} ({n})" if n in lemmas else n for n in names]
+
+
+def load(config, checkpoint: str):
+  """(model, params) of a workdir or .npz, in the released layout, for config.model."""
+  from mixer import checkpoints, models
+  params = checkpoints.load_pretrained(checkpoint)
+  if "head" not in params:
+    raise ValueError(f"{checkpoint} has no classification head (a pre-logits release?): nothing to predict")
+  num_classes = np.shape(params["head"]["kernel"])[-1]
+  model = models.create_model(config.model, num_classes)
+  if model.scan_blocks:
+    params = models.stack_blocks(params)
+  return model, params
+
+
+def predict(config, model, params, paths: list[str], top: int, batch_size: int = 32, progress: bool = False):
+  """[{"file", "top": [{"class", "index", "probability"}...]} or {"file", "error"}] for each path."""
+  import jax
+  import tensorflow as tf
+
+  from mixer import preprocess
+  pp = preprocess.get_preprocess_fn(config.pp_eval)
+  names = class_names(config, np.shape(params["head"]["kernel"])[-1])
+  activation = jax.nn.sigmoid if config.loss == "sigmoid_xent" else jax.nn.softmax
+  apply = jax.jit(lambda p, x: activation(model.apply({"params": p}, x, train=False).astype("float32")))
+  results, batch, where = [None] * len(paths), [], []
+
+  def flush():
+    if not batch:
+      return
+    probabilities = np.asarray(apply(params, np.stack(batch)))
+    for i, p in zip(where, probabilities, strict=True):
+      order = np.argsort(-p)[:top]
+      results[i] = {"file": paths[i], "top": [{"class": names[c], "index": int(c), "probability": float(p[c])}
+                                              for c in order]}
+    batch.clear()
+    where.clear()
+
+  if progress:
+    from tqdm import tqdm
+    indices = tqdm(range(len(paths)), desc="images", unit="img", file=sys.stderr)
+  else:
+    indices = range(len(paths))
+  for i in indices:
+    try:
+      image = pp({"image": tf.constant(tf.io.gfile.GFile(paths[i], "rb").read())})["image"].numpy()
+    except tf.errors.OpError as e:
+      reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*", "", e.message.splitlines()[0])
+      results[i] = {"file": paths[i], "error": f"not a readable image ({reason})"}
+      continue
+    batch.append(image)
+    where.append(i)
+    if len(batch) == batch_size:
+      flush()
+  flush()
+  return results
+
+
+def format_table(results: list[dict]) -> str:
+  lines = []
+  for r in results:
+    if "error" in r:
+      lines.append(f"{r['file']}: {r['error']}")
+      continue
+    lines.append(r["file"])
+    width = max(len(t["class"]) for t in r["top"])
+    lines += [f"  {100 * t['probability']:6.2f}%  {t['class']:{width}}" for t in r["top"]]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("name the images (files or directories) to classify")
+  cli.setup_logging()
+  cli.start_backends()
+  if not FLAGS.workdir and not (FLAGS.checkpoint and FLAGS.config):
+    raise app.UsageError("pass --workdir, or --checkpoint with --config")
+  config = FLAGS.config or cli.load_config(FLAGS.workdir)
+  paths = image_paths(argv[1:])
+  model, params = load(config, FLAGS.checkpoint or FLAGS.workdir)
+  many = any(os.path.isdir(a) for a in argv[1:]) and not FLAGS.json
+  results = predict(config, model, params, paths, FLAGS.top, FLAGS.batch_size, progress=many)
+  print(json.dumps(results, indent=2) if FLAGS.json else format_table(results))
+  if any("error" in r for r in results):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,213 @@
+"""The README's commands for a user's first hour, run as written from a repository root with relative paths.
+
+Every `python ...` line of the README's first-run, evaluation, fine-tuning demo and own-data sections is
+run here (with a few flags added that shorten training, where the length is not the point), in a
+directory laid out like the repository root. A README command that no test runs fails
+`test_every_readme_command_is_run`. Commands run in this process (cheaper than a fresh interpreter each)
+except the first `python train.py`, whose console output is itself tested.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DIGIT_NAMES, REPO
+
+pytestmark = pytest.mark.slow
+
+SHORT = ("--config.total_steps=6", "--config.warmup_steps=2", "--config.batch_size=32")
+# README command -> the flags a test adds (None: the command is shown but not run, with the reason).
+COMMANDS = {
+    "python train.py": SHORT,
+    "python evaluate.py --workdir workdir": (),
+    "python evaluate.py --workdir workdir --split train": (),
+    "python evaluate.py --workdir workdir --fewshot": (),
+    "python evaluate.py --workdir workdir --fewshot --notop1 --random_init": (),
+    "python evaluate.py --checkpoint imagenet21k_Mixer-B_16.npz --config configs/mixer_b16_imagenet21k.py "
+    "--fewshot --notop1 --workdir eval_b16": None,  # needs the released file and ImageNet: not offline.
+    "python -m mixer.visualize --workdir workdir --out fig.png": (),
+    "python -m mixer.predict --workdir workdir digit.png": (),
+    "python train.py --config.label_subset=0-4 --workdir runs/pre": SHORT,
+    "python train.py --config configs/finetune_digits.py --config.init.checkpoint=runs/pre --workdir runs/ft": SHORT,
+    "python train.py --config.dataset=folder:my_images --workdir runs/mine": SHORT + ("--config.bad_images=skip",),
+    "python train.py --config configs/finetune_digits.py --config.dataset=folder:my_images "
+    "--config.init.checkpoint=runs/pre --workdir runs/mine_ft": SHORT + ("--config.bad_images=skip",),
+    "python evaluate.py --workdir runs/mine --fewshot --notop1 --fewshot_dataset=folder:my_images": (),
+    "python -m mixer.predict --workdir runs/mine my_images/test/seven": (),
+    "python -m mixer.predict --workdir runs/mine --json my_images/test/seven/032.png": (),
+}
+SECTIONS = ("## The two commands", "## What the default run does", "## Evaluation", "## Your own images")
+
+
+def readme_commands() -> list[str]:
+  """The `python ...` lines (continuations joined) of the README's user-facing sections and the
+  fine-tuning demo, without comments."""
+  text = open(os.path.join(REPO, "README.md")).read()
+  chunks = re.split(r"\n(?=## )", text)
+  wanted = [c for c in chunks if c.startswith(SECTIONS)]
+  wanted += [block for block in re.findall(r"```bash\n(.*?)```", text, re.S) if "finetune_digits" in block]
+  commands = []
+  for chunk in wanted:
+    for block in re.findall(r"```bash\n(.*?)```", chunk, re.S) if chunk.startswith("#") else [chunk]:
+      for line in block.replace("\\\n", " ").splitlines():
+        for part in line.split("#")[0].split("&&"):
+          part = re.sub(r"\s+", " ", part).strip()
+          if part.startswith("python ") and "pytest" not in part:
+            commands.append(part)
+  return commands
+
+
+def test_every_readme_command_is_run():
+  found = readme_commands()
+  assert set(found) == set(COMMANDS), (f"in README, not tested: {sorted(set(found) - set(COMMANDS))}; "
+                                      f"tested, not in README: {sorted(set(COMMANDS) - set(found))}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, data_dir, digits_folder):
+  """A directory laid out like the repository root, with the user's images in my_images/."""
+  root = tmp_path_factory.mktemp("repo")
+  for name in ("train.py", "evaluate.py", "configs", "mixer"):
+    os.symlink(os.path.join(REPO, name), root / name)
+  os.symlink(digits_folder, root / "my_images")
+  os.symlink(os.path.join(digits_folder, "test", "seven", "032.png"), root / "digit.png")
+  return root
+
+
+@pytest.fixture(autouse=True)
+def _default_data_dir(data_dir, monkeypatch):
+  """The tfds default data_dir (what the README's commands use) is the tests' prepared one."""
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", data_dir)
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+
+
+def run(root, command: str, extra=None) -> str:
+  """Runs a README command in this process, as `python ...` would from `root` (with COMMANDS' flags, or
+  `extra`); returns what it printed and logged."""
+  import logging
+
+  from absl import flags
+  extra = COMMANDS[command] if extra is None else extra
+  args = shlex.split(command)[1:] + list(extra)
+  if args[0] == "-m":
+    module, args = args[1], args[2:]
+    script = os.path.join(REPO, *module.split(".")) + ".py"
+  else:
+    script, args = os.path.join(REPO, args[0]), args[1:]
+  import mixer.cli  # noqa: F401 - its flags stay defined; each script's own are removed after it.
+  before = set(flags.FLAGS)
+  out = io.StringIO()
+  cwd, argv = os.getcwd(), sys.argv
+  log = logging.StreamHandler(out)
+  log.addFilter(mixer.cli._QuietLibraries())  # what the console shows
+  logging.getLogger().addHandler(log)
+  try:
+    os.chdir(root)
+    sys.argv = [script, *args]
+    with contextlib.redirect_stdout(out):
+      runpy.run_path(script, run_name="__main__")
+  except SystemExit as e:
+    assert e.code in (0, None), f"{command} exited with {e.code}:\n{out.getvalue()[-3000:]}"
+  finally:
+    logging.getLogger().removeHandler(log)
+    os.chdir(cwd)
+    sys.argv = argv
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+  return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def first_run(root, data_dir):
+  """`python train.py` as a new user runs it: a fresh interpreter, so its whole console is seen."""
+  env = dict(os.environ, TFDS_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="", PYTHONPATH="")
+  result = subprocess.run([sys.executable, "train.py", *COMMANDS["python train.py"]], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return result.stdout, result.stderr
+
+
+FINAL = r"Final test top-1 \(digits:test, step 6, 359 examples\): ([0-9.]+)"
+
+
+def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
+  stdout, stderr = first_run
+  final = re.findall(FINAL, stdout + stderr)
+  assert len(final) == 1, stdout + stderr  # the result once
+  lines = stderr.splitlines()
+  progress = [i for i, line in enumerate(lines) if re.fullmatch(
+      r"step \d+/6  loss [0-9.]+  train acc [0-9.]+(  [0-9,]+ img/s  ETA \S+)?", line)]
+  assert progress and progress[0] <= 10, stderr  # a short header, then training (a quiet console)
+  assert len(lines) <= 15 and len(stderr) < 2000, stderr
+  assert re.search(r"Model Ti/4: 0.54M parameters on a 1 data x 1 model mesh\nData digits: 1438 train / 359 eval "
+                   r"images, 10 classes, 16x16x1 input\nTraining 6 steps of batch 32", stderr), stderr
+  assert (root / "workdir" / "checkpoints" / "6").is_dir() and (root / "workdir" / "config.json").exists()
+  longer = SHORT[1:] + ("--config.total_steps=8",)
+  out = run(root, "python train.py", extra=longer)  # the same workdir resumes, to a longer end
+  assert "Restored checkpoint from step 6" in out, out
+  final = re.findall(r"Final test top-1 \(digits:test, step 8, 359 examples\): ([0-9.]+)", out)
+  assert len(final) == 1, out
+  out = run(root, "python train.py", extra=longer)  # a finished run: nothing to do
+  assert "Nothing to train: the checkpoint in workdir is already at step 8" in out, out
+  assert len(list((root / "workdir").glob("events.out.tfevents.*"))) == 2  # the first run's and the resumed one's
+
+  out = run(root, "python evaluate.py --workdir workdir")
+  assert re.search(r"Top-1 \(digits:test, step 8, 359 examples\): " + final[0], out), out
+  # The same checkpoint through --checkpoint on a 2-device mesh (a fresh process: the device count is fixed
+  # at start): the params are laid out on the mesh.
+  result = subprocess.run([sys.executable, "evaluate.py", "--workdir=workdir", "--checkpoint=workdir"], cwd=root,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          capture_output=True, text=True, timeout=600)
+  assert re.search(r"Top-1 \(digits:test, step workdir, 359 examples\): " + final[0], result.stdout), result
+  out = run(root, "python evaluate.py --workdir workdir --split train")
+  assert re.search(r"Top-1 \(digits:train, step 8, 1438 examples\): [0-9.]+", out), out
+  out = run(root, "python evaluate.py --workdir workdir --fewshot")
+  assert re.search(r"digits +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+", out), out
+  out = run(root, "python evaluate.py --workdir workdir --fewshot --notop1 --random_init")
+  assert json.loads((root / "workdir" / "eval_fewshot_random_init.json").read_text())["step"] == "init"
+
+  out = run(root, "python -m mixer.visualize --workdir workdir --out fig.png")
+  assert (root / "fig.png").stat().st_size > 10_000
+  assert "no few-shot curves: train with --config.fewshot.every_steps=N" in out, out  # this run logged none
+
+  out = run(root, "python -m mixer.predict --workdir workdir digit.png")
+  lines = out.splitlines()
+  assert lines[0] == "digit.png" and len(lines) == 6, out  # the file, then its top-5 classes
+  shown = [float(line.split("%")[0]) for line in lines[1:]]
+  assert shown == sorted(shown, reverse=True) and all(line.split()[-1] in "0123456789" for line in lines[1:])
+
+
+def test_finetuning_demo_and_your_own_images(root, first_run):
+  out = run(root, "python train.py --config.label_subset=0-4 --workdir runs/pre")
+  assert re.search(r"Final test top-1 \(digits:test, step 6, 180 examples\)", out), out  # the digits 0-4
+  out = run(root, "python train.py --config configs/finetune_digits.py --config.init.checkpoint=runs/pre "
+                  "--workdir runs/ft")
+  assert re.search(r"Final test top-1 \(digits:test, step 6, 179 examples\)", out), out  # 5-9
+
+  out = run(root, "python train.py --config.dataset=folder:my_images --workdir runs/mine")
+  assert "Final test top-1 (folder:my_images:test, step 6, 80 examples)" in out, out
+  out = run(root, "python train.py --config configs/finetune_digits.py --config.dataset=folder:my_images "
+                  "--config.init.checkpoint=runs/pre --workdir runs/mine_ft")
+  assert "Final test top-1 (folder:my_images:test, step 6, 40 examples)" in out, out  # label_subset 5-9
+
+  out = run(root, "python evaluate.py --workdir runs/mine --fewshot --notop1 --fewshot_dataset=folder:my_images")
+  assert re.search(r"folder:my_images +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+", out), out
+
+  out = run(root, "python -m mixer.predict --workdir runs/mine my_images/test/seven")
+  files = [line for line in out.splitlines() if not line.startswith(" ")]
+  assert files == [f"my_images/test/seven/{i:03d}.png" for i in range(32, 40)], out
+  assert all(line.split()[-1] in DIGIT_NAMES for line in out.splitlines() if line.startswith(" "))
+  out = run(root, "python -m mixer.predict --workdir runs/mine --json my_images/test/seven/032.png")
+  result = json.loads(out)
+  assert result[0]["file"] == "my_images/test/seven/032.png" and len(result[0]["top"]) == 5
+  assert abs(sum(t["probability"] for t in result[0]["top"]) - 1) < 0.5
