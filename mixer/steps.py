@@ -163,7 +163,7 @@ def evaluate(eval_step, params, batches: Iterator, sync_every: int = 16) -> dict
   """Top-1 and mean loss over every example the batches hold (padding masked out).
 
   Waits for the device every `sync_every` batches: XLA:CPU meshes deadlock with too many steps in
-  flight (ENVIRONMENT.md), and the host should not run unboundedly ahead anyway.
+  flight (an XLA:CPU collective rendezvous times out), and the host should not run unboundedly ahead anyway.
   """
   totals = None
   for i, batch in enumerate(batches, 1):

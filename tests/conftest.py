@@ -57,7 +57,7 @@ def run_python(code: str, devices: int = 1, timeout: int = 600, **env) -> str:
   """Runs `code` in a fresh interpreter with `devices` simulated CPU devices; returns its stdout.
 
   The device count must be fixed before jax starts, hence a subprocess. `timeout -s KILL` because
-  multi-device XLA:CPU hangs ignore SIGTERM (../shared/ENVIRONMENT.md).
+  multi-device XLA:CPU hangs ignore SIGTERM.
   """
   full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                   TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **env)

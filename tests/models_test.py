@@ -19,7 +19,7 @@ def _param_shapes(variant, num_classes=None, image_size=224, channels=3):
 
 
 def _expected_count(variant, image_size=224, channels=3):
-  """Counted by hand from the architecture (DESIGN.md), independently of the flax module."""
+  """Counted by hand from the architecture (paper Sec. 2), independently of the flax module."""
   k = models.variant_kwargs(variant)
   p, c, ds, dc = k["patch_size"], k["hidden_dim"], k["tokens_mlp_dim"], k["channels_mlp_dim"]
   s = (image_size // p) ** 2

@@ -6,7 +6,7 @@ import numpy as np
 
 
 def test_jitted_matmul_mean_is_correct():
-  # jaxlib 0.10.2 returned 3.7e19 for this on AMD Zen 4 (../shared/ENVIRONMENT.md, pitfall 1).
+  # jaxlib 0.10.2 returned 3.7e19 for this on AMD Zen 4 (an XLA:CPU fusion bug).
   result = jax.jit(lambda a: (a @ jnp.ones((64, 32))).mean())(np.ones((256, 64), np.float32))
   np.testing.assert_allclose(float(result), 64.0, rtol=1e-6)
 
