@@ -284,7 +284,7 @@ def format_report(report: dict) -> str:
     lines.append(f"Estimated by the compiler, not measured: train step {seconds * 1e3:.1f} ms, about "
                  f"{batch / devices / seconds:,.0f} img/s per device, {batch / seconds:,.0f} img/s for the "
                  f"slice ({mfu:.0%} of the bf16 peak)")
-  else:
+  elif report["train"]["peak_bytes"] is not None:
     lines.append("The compiler gave no step-time estimate for this step on this slice.")
   lines.append("Compile time: " + ", ".join(f"{k} step {report[k]['compile_s']} s" for k in steps_compiled))
   return "\n".join(lines)
