@@ -104,6 +104,14 @@ def run(root, command: str, extra=None) -> str:
   else:
     script, args = os.path.join(REPO, args[0]), args[1:]
   import mixer.cli  # noqa: F401 - its flags stay defined; each script's own are removed after it.
+  # Flags that other modules imported in this process defined (e.g. mixer.predict's --workdir, by its own
+  # tests) are set aside while the script defines its own, as in a fresh interpreter, and restored after.
+  shared = {f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+            if module.startswith("absl") or module in ("mixer.cli", "mixer.errors") for f in defined}
+  stashed = {name: flags.FLAGS[name] for name in list(flags.FLAGS)
+             if name not in shared and flags.FLAGS[name].name == name}
+  for name in stashed:
+    delattr(flags.FLAGS, name)
   before = set(flags.FLAGS)
   out = io.StringIO()
   cwd, argv = os.getcwd(), sys.argv
@@ -123,6 +131,8 @@ def run(root, command: str, extra=None) -> str:
     sys.argv = argv
     for name in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, name)
+    for name, flag in stashed.items():
+      flags.FLAGS[name] = flag
     flags.FLAGS.unparse_flags()
   return out.getvalue()
 

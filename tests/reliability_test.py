@@ -282,7 +282,7 @@ def _wait_for(path, text, process, timeout=240):
 def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, caplog):
   workdir, log = tmp_path / "run", tmp_path / "log.txt"
   flags = ["--config.total_steps=5000", "--config.checkpoint_every_steps=5000", "--config.batch_size=32",
-           "--config.warmup_steps=1", "--config.log_every_steps=1"]
+           "--config.warmup_steps=1", "--config.log_every_steps=1", "--verbosity=1"]  # the metric writer's lines
   with open(log, "w") as log_file:
     process = subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
                                 *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=log_file, text=True)
