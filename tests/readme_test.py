@@ -117,7 +117,13 @@ def run(root, command: str, extra=None) -> str:
   cwd, argv = os.getcwd(), sys.argv
   log = logging.StreamHandler(out)
   log.addFilter(mixer.cli._QuietLibraries())  # what the console shows
-  logging.getLogger().addHandler(log)
+  root_logger = logging.getLogger()
+  root_logger.addHandler(log)
+  # INFO, as in a fresh interpreter, whatever an earlier test in this process left the levels at.
+  from absl import logging as absl_logging
+  levels = (root_logger.level, absl_logging.get_verbosity())
+  root_logger.setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.INFO)
   try:
     os.chdir(root)
     sys.argv = [script, *args]
@@ -126,7 +132,9 @@ def run(root, command: str, extra=None) -> str:
   except SystemExit as e:
     assert e.code in (0, None), f"{command} exited with {e.code}:\n{out.getvalue()[-3000:]}"
   finally:
-    logging.getLogger().removeHandler(log)
+    root_logger.removeHandler(log)
+    root_logger.setLevel(levels[0])
+    absl_logging.set_verbosity(levels[1])
     os.chdir(cwd)
     sys.argv = argv
     for name in set(flags.FLAGS) - before:
