@@ -82,10 +82,9 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
 def make_features_fn(model, params_sharding, mesh):
   """Jitted pre-logit features (after the head LayerNorm and mean pooling) over the whole mesh."""
   from mixer import sharding
-  headless = model.clone(num_classes=None)
 
   def features(params, images):
-    return headless.apply({"params": {k: v for k, v in params.items() if k != "head"}}, images, train=False)
+    return model.apply({"params": params}, images, train=False, pre_logits=True)
 
   return jax.jit(features, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))

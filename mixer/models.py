@@ -151,7 +151,8 @@ class MlpMixer(nn.Module):
   token_mixing_form: str = "per_example"  # one of TOKEN_MIXING_FORMS: the same function and parameters.
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, pre_logits: bool = False):
+    """Logits [B, num_classes]; with pre_logits=True the features the head reads, [B, hidden_dim]."""
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the patch size {p}")
@@ -170,7 +171,7 @@ class MlpMixer(nn.Module):
         x = _block_class(self.remat)(**block, stoch_depth=rates[i], name=f"MixerBlock_{i}")(x, train)
     x = ops.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
     x = jnp.mean(x, axis=1)  # the pre-logits that few-shot evaluation reads.
-    if self.num_classes:
+    if self.num_classes and not pre_logits:
       x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
 

@@ -74,9 +74,14 @@ def test_output_shapes_head_zero_init_and_prelogits():
   logits = model.apply(variables, x)
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
   np.testing.assert_array_equal(logits, 0.0)  # the head is zero-initialised.
-  features = model.clone(num_classes=None).apply({"params": {k: v for k, v in variables["params"].items()
-                                                              if k != "head"}}, x)
+  features = model.apply(variables, x, pre_logits=True)
   assert features.shape == (3, 128)
+  headless = model.clone(num_classes=None).apply({"params": {k: v for k, v in variables["params"].items()
+                                                              if k != "head"}}, x)
+  np.testing.assert_array_equal(features, headless)
+  random_head = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape), variables["params"]["head"])
+  logits = model.apply({"params": {**variables["params"], "head": random_head}}, x)
+  np.testing.assert_allclose(logits, features @ random_head["kernel"] + random_head["bias"], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():
