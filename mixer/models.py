@@ -197,9 +197,14 @@ def create_model(model_config, num_classes: int | None) -> MlpMixer:
                   scan_blocks=model_config.scan_blocks, token_mixing_form=form, **dims)
 
 
+def block_names(params: dict) -> list[str]:
+  """The released layout's block names among params' keys, in block order: MixerBlock_0, MixerBlock_1, ..."""
+  return sorted((k for k in params if k.startswith("MixerBlock_")), key=lambda k: int(k.split("_")[1]))
+
+
 def stack_blocks(params: dict) -> dict:
   """Released layout (MixerBlock_0..N-1) -> the scan_blocks layout (one "MixerBlocks", stacked)."""
-  names = sorted((k for k in params if k.startswith("MixerBlock_")), key=lambda k: int(k.split("_")[1]))
+  names = block_names(params)
   rest = {k: v for k, v in params.items() if not k.startswith("MixerBlock_")}
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
   return {**rest, "MixerBlocks": {"block": stacked}}

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from mixer import models
+
 
 def weight_mosaic(kernel: np.ndarray, grid: tuple[int, int], units: int) -> np.ndarray:
   """The first `units` hidden units of a token-mixing Dense_0 kernel [tokens, hidden], each shown as its
@@ -50,7 +52,7 @@ def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  names = sorted((k for k in params if k.startswith("MixerBlock_")), key=lambda k: int(k.split("_")[1]))[:blocks]
+  names = models.block_names(params)[:blocks]
   curves = {t: v for t, v in scalars.items() if t.startswith("fewshot/") or t == "eval/top1"}
   fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4.4), squeeze=False)
   for ax, name in zip(axes[0], names, strict=False):
