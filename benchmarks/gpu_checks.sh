@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of README's Performance section in one run, sized for a short device lease: ours and
-# timm (train + inference), ours with cuBLAS for every matmul, ours with vit_jax's transpose form of token
-# mixing (config.model.token_mixing_form), and where the step's time goes.
+# timm (train + inference), ours with cuBLAS for every matmul, and where the step's time goes.
 # About 7 minutes for B/16 at batch 256 on an H100/H200 with the packages installed.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
@@ -31,7 +30,5 @@ fi
 run throughput python benchmarks/throughput.py --device "$device" "${args[@]}" --json "$out/throughput.json"
 run throughput_cublas env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   python benchmarks/throughput.py --device "$device" "${args[@]}" --no_timm --json "$out/throughput_cublas.json"
-run throughput_transpose python benchmarks/throughput.py --device "$device" "${args[@]}" --no_timm \
-  --token_mixing_form transpose --json "$out/throughput_transpose.json"
 run step_profile python benchmarks/step_profile.py --device "$device" "${args[@]}" --steps 5 \
   --trace_dir "$out/trace" --json "$out/step_profile.json"

@@ -34,7 +34,6 @@ def parse_args(argv=None):
   parser.add_argument("--param_sharding", default=None, help="default: the config's")
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None, help="default: the config's")
   parser.add_argument("--grad_accum_steps", type=int, default=None, help="default: the config's")
-  parser.add_argument("--token_mixing_form", default=None, help="per_example or transpose; default: the config's")
   parser.add_argument("--search", action="store_true",
                       help=f"compile each variant in each layout of {LAYOUTS} until two fit; report the fastest")
   parser.add_argument("--inference", action="store_true", help="the forward pass only, as the paper's Table 3")
@@ -59,8 +58,6 @@ def variant_config(args, variant: str):
       config[key] = value
   if args.remat is not None:
     config.model.remat = args.remat
-  if args.token_mixing_form is not None:
-    config.model.token_mixing_form = args.token_mixing_form
   return config
 
 
@@ -72,7 +69,7 @@ def train_row(config, topology: str) -> dict:
   from mixer import tpu
   r = tpu.compile_for(config, topology, eval_step=False)
   seconds = r["train"]["estimated_s"]
-  return {"variant": r["variant"], "topology": topology, "token_mixing_form": config.model.token_mixing_form,
+  return {"variant": r["variant"], "topology": topology,
           "devices": r["devices"], "device_kind": r["device_kind"],
           "batch": r["batch"], "param_sharding": r["param_sharding"], "remat": r["remat"],
           "grad_accum_steps": r["grad_accum_steps"], "state_gib": r["state_bytes"] / GIB,

@@ -33,8 +33,6 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
   parser.add_argument("--num_classes", type=int, default=1000)
   parser.add_argument("--scan_blocks", action="store_true", help="our model with config.model.scan_blocks")
   parser.add_argument("--remat", action="store_true", help="our model with config.model.remat")
-  parser.add_argument("--token_mixing_form", default="per_example", help="our model's config.model.token_mixing_form: "
-                      "per_example (batched GEMMs, no transposes) or transpose (vit_jax's swapaxes form)")
   parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default 10 gpu, 3 cpu)")
   parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 gpu, 3 cpu)")
   parser.add_argument("--warmup", type=int, default=2)
@@ -98,8 +96,7 @@ def step_config(args):
       "schedule": "linear", "warmup_steps": 10, "grad_clip_norm": 1.0,
       "optim": {"name": "adam", "b1": 0.9, "b2": 0.999, "momentum": 0.9},
       "model": {"variant": args.variant, "dropout_rate": 0.0, "stoch_depth": 0.0, "gelu_approximate": True,
-                "dtype": args.dtype, "remat": args.remat, "scan_blocks": args.scan_blocks, "tokens_mlp_dim": None,
-                "token_mixing_form": args.token_mixing_form}})
+                "dtype": args.dtype, "remat": args.remat, "scan_blocks": args.scan_blocks, "tokens_mlp_dim": None}})
 
 
 def step_parts(args, devices=None) -> dict:

@@ -39,9 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tokens_mlp_dim = config_dict.placeholder(int)  # None: the variant's D_S (Table 1).
   config.model.remat = False  # recompute block activations in the backward pass: less memory.
   config.model.scan_blocks = False  # nn.scan over blocks: faster compiles, slower steps (README, Performance).
-  # Token mixing as batched per-example GEMMs ("per_example", no transposes) or vit_jax's "transpose" form:
-  # the same function and parameters; README, Performance, compares their speed.
-  config.model.token_mixing_form = "per_example"
 
   # Initialisation from pre-trained parameters (fine-tuning); used when the workdir has no checkpoint.
   config.init = ml_collections.ConfigDict()

@@ -33,6 +33,9 @@ _FINETUNE_STEPS = {"finetune_imagenet2012": 20_000, "finetune_cifar10": 10_000, 
 KNOWN_DIFFERENCES = {
     ("*", "weight_decay_applies_to"): "we decay kernels only (big_vision's convention); the paper's wording "
                                       "does not say, and Flax's old Adam decayed every parameter",
+    ("*", "stoch_depth_scaling"): "in training we scale a kept residual branch by 1/(1 - rate), so that its "
+                                  "expectation is the eval-time branch (timm's drop_path; Huang et al. scale by "
+                                  "1 - rate at test time instead); big_vision's Mixer rescales at neither",
 }
 
 
@@ -54,6 +57,7 @@ def ours(config) -> dict:
       "resolution": _pp_int(r"inception_crop\((\d+)", config.pp_train),
       "randaugment": _pp_int(r"randaugment\(2, (\d+)\)", config.pp_train, default=0),
       "mixup": config.mixup, "dropout": config.model.dropout_rate, "stoch_depth": config.model.stoch_depth,
+      "stoch_depth_scaling": "1/(1 - rate)",
   }
 
 
@@ -61,7 +65,8 @@ def paper(name: str) -> dict:
   if name in _TABLE_4:
     epochs, lr, wd, ra, mixup, dropout, sd = _TABLE_4[name]
     return {**_PRETRAINING, "epochs": epochs, "lr": lr, "weight_decay": wd, "randaugment": ra, "mixup": mixup,
-            "dropout": dropout, "stoch_depth": sd, "weight_decay_applies_to": "not stated"}
+            "dropout": dropout, "stoch_depth": sd, "weight_decay_applies_to": "not stated",
+            "stoch_depth_scaling": "not stated"}
   return {**_FINETUNING, "steps": _FINETUNE_STEPS[name], "dropout": 0.0, "stoch_depth": 0.0,
           "warmup_steps": "not stated"}
 

@@ -13,7 +13,8 @@ _CUTOUT_PIXELS = 40
 
 
 def _blend(image, degenerate, factor):
-  """image + factor * (image - degenerate)... as PIL's ImageEnhance: factor 0 -> degenerate, 1 -> image."""
+  """degenerate + factor * (image - degenerate), clipped to [0, 255], as PIL's ImageEnhance: factor 0 gives
+  degenerate, 1 the image, above 1 extrapolates away from degenerate."""
   image, degenerate = tf.cast(image, tf.float32), tf.cast(degenerate, tf.float32)
   return tf.cast(tf.clip_by_value(degenerate + factor * (image - degenerate), 0, 255), tf.uint8)
 

@@ -224,7 +224,6 @@ def compile_inference(config, name: str, per_device_batch: int) -> dict:
   compiled = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)).lower(params, images).compile()
   seconds, flops = _cost(compiled)
   return {"variant": config.model.variant, "topology": name, "device_kind": devices[0].device_kind,
-          "token_mixing_form": config.model.token_mixing_form,
           "per_device_batch": per_device_batch, "dtype": config.model.dtype,
           "estimated_ms": seconds and seconds * 1e3,
           "estimated_img_s_per_device": seconds and per_device_batch / seconds,

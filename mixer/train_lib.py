@@ -34,6 +34,12 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"config.nan_policy={config.nan_policy!r} is not one of stop, skip")
   if config.loss not in steps.LOSSES:
     raise ValueError(f"config.loss={config.loss!r} is not one of {', '.join(steps.LOSSES)}")
+  if config.model.dtype not in ("float32", "bfloat16"):  # float16 would need loss scaling: not offered.
+    raise ValueError(f"config.model.dtype={config.model.dtype!r} is not one of float32, bfloat16 "
+                     f"(float16 gradients underflow without loss scaling; use bfloat16)")
+  for key in ("dropout_rate", "stoch_depth"):
+    if not 0.0 <= config.model[key] < 1.0:
+      raise ValueError(f"config.model.{key}={config.model[key]} is not in [0, 1)")
   if models.variant_kwargs(config.model.variant)["patch_size"] <= 0:
     raise ValueError(f"config.model.variant={config.model.variant!r}: the patch size must be positive")
   if input_pipeline.label_subset(config) == []:
