@@ -23,9 +23,39 @@ def test_logical_axes_cover_every_parameter_and_optimizer_leaf():
   assert sharding.logical_axes("params/MixerBlock_3/channel_mixing/Dense_0/kernel", 2) == ("embed", "mlp")
   assert sharding.logical_axes("opt_state/1/0/mu/MixerBlock_0/token_mixing/Dense_1/kernel", 2) == (
       "tokens_mlp", "tokens")
-  assert sharding.logical_axes("params/MixerBlocks/block/LayerNorm_1/scale", 2) == (None, "embed")  # scanned
+  assert sharding.logical_axes("params/MixerBlocks/LayerNorm_1/scale", 2) == (None, "embed")  # scanned
   assert sharding.logical_axes("params/stem/kernel", 4) == (None, None, None, "embed")
   assert sharding.logical_axes("opt_state/1/0/count", 0) == ()
+
+
+_TENSOR = {"token_mixing/Dense_0/kernel": (None, "model"), "token_mixing/Dense_0/bias": ("model",),
+           "token_mixing/Dense_1/kernel": ("model", None), "channel_mixing/Dense_0/kernel": (None, "model"),
+           "channel_mixing/Dense_0/bias": ("model",), "channel_mixing/Dense_1/kernel": ("model", None)}
+_EXPLICIT = {**{f"LayerNorm_{i}/{p}": ("data",) for i in (0, 1) for p in ("scale", "bias")},
+             "channel_mixing/Dense_0/kernel": ("data", "model"), "channel_mixing/Dense_0/bias": ("model",),
+             "channel_mixing/Dense_1/kernel": ("model", "data"), "channel_mixing/Dense_1/bias": ("data",)}
+
+
+@pytest.mark.parametrize("param_sharding,expected", [("replicated", {}), ("tensor", _TENSOR),
+                                                     ("embed=data,mlp=model", _EXPLICIT)])
+def test_presets_and_explicit_rules_lay_out_each_parameter(param_sharding, expected):
+  """Every leaf of a block gets the mesh axes its logical names map to, and only those; the head and the
+  stem's input dims follow the same rules."""
+  import jax
+
+  from configs import default
+  from mixer import models
+  model = models.create_model(default.get_config().model, 10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 16, 16, 1)))["params"])
+  mesh = jax.make_mesh((1, 1), sharding.AXES, devices=jax.devices()[:1])
+  shardings = sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
+  specs = {sharding.path_string(keys): tuple(s.spec) for keys, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  block = {path.split("/", 1)[1]: spec for path, spec in specs.items() if path.startswith("MixerBlock_2/")}
+  assert len(block) == 12
+  for path, spec in block.items():
+    assert spec == expected.get(path, (None,) * len(spec)), path
+  head = {"embed=data,mlp=model": ("data", None)}.get(param_sharding, (None, None))
+  assert specs["head/kernel"] == head and specs["stem/kernel"][:3] == (None, None, None)
 
 
 def test_mesh_sizes_are_checked():
@@ -53,6 +83,7 @@ from tests.conftest import small_config
 from mixer import optim, steps, train_lib
 out = {}
 for name, mesh, rules in [("dp", {"data": 8, "model": 1}, "replicated"), ("fsdp", {"data": 8, "model": 1}, "fsdp"),
+                          ("tensor", {"data": 4, "model": 2}, "tensor"),
                           ("fsdp_tensor", {"data": 4, "model": 2}, "fsdp_tensor")]:
   config = small_config(%(data_dir)r, total_steps=8, param_sharding=rules, mesh=mesh)
   history = train_lib.train_and_evaluate(config, %(workdir)r + "/" + name)
@@ -74,7 +105,8 @@ def test_same_loss_under_data_parallel_fsdp_and_tensor_parallel(data_dir, tmp_pa
   runs = json.loads(out.strip().splitlines()[-1])
   assert runs["dp"]["kernel"] == [128, 512] and runs["dp"]["kernel_shard"] == [128, 512]
   assert runs["fsdp"]["kernel_shard"] == [16, 512] and runs["fsdp"]["mu_shard"] == [16, 512]
+  assert runs["tensor"]["kernel_shard"] == [128, 256] and runs["tensor"]["mu_shard"] == [128, 256]
   assert runs["fsdp_tensor"]["kernel_shard"] == [32, 256] and runs["fsdp_tensor"]["mu_shard"] == [32, 256]
-  for name in ("fsdp", "fsdp_tensor"):
+  for name in ("fsdp", "tensor", "fsdp_tensor"):
     np.testing.assert_allclose(runs[name]["loss"], runs["dp"]["loss"], rtol=1e-4, atol=1e-5)
     assert abs(runs[name]["top1"] - runs["dp"]["top1"]) <= 1 / 359 + 1e-6
