@@ -95,7 +95,7 @@ def digits_setup(data_dir):
   config = small_config(data_dir)
   config.evals.fewshot.shots, config.evals.fewshot.seeds = (1, 5, 1000), 2  # no digit has 1000 train images.
   s = train_lib.setup(config)
-  params = jax.device_put(s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape))["params"])
+  params = jax.jit(lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape))["params"])()
   return config, s, params
 
 
