@@ -18,10 +18,10 @@ def parse(arg: str) -> tuple[str, int]:
 
 
 def finetune_config(arg: str, dataset: str, steps: int, train_split: str = "train",
-                    eval_split: str = "test") -> ml_collections.ConfigDict:
+                    test_split: str = "test") -> ml_collections.ConfigDict:
   variant, resolution = parse(arg)
   config = default.get_config()
-  config.dataset, config.train_split, config.evals.eval.split = dataset, train_split, eval_split
+  config.dataset, config.train_split, config.evals.eval.split = dataset, train_split, test_split
   config.model.variant = variant
   config.model.dtype = "bfloat16"
   config.init.checkpoint = None  # set it: --config.init.checkpoint=imagenet21k_Mixer-B_16.npz or a workdir.
