@@ -1,11 +1,12 @@
-"""Evaluates a checkpoint: top-1 over a whole split of the config's dataset, and/or few-shot accuracy.
+"""Evaluates a checkpoint with the config's evaluators (config.evals): top-1 over a whole split of the
+config's dataset, and/or few-shot accuracy, and any other evaluator the config lists.
 
   python evaluate.py --workdir /tmp/w                      # the run's own config (workdir/config.json)
-  python evaluate.py --workdir /tmp/w --fewshot            # + few-shot on config.fewshot.datasets
+  python evaluate.py --workdir /tmp/w --fewshot            # + the few-shot evaluators
   python evaluate.py --workdir /tmp/w --split train --notop1 --fewshot
   python evaluate.py --checkpoint imagenet21k_Mixer-B_16.npz --config configs/mixer_b16_imagenet21k.py \
       --fewshot --notop1 --workdir /tmp/eval                # a released .npz: --config gives model and data
-Results are printed and written as JSON into the workdir.
+Results are printed and written as JSON into the workdir, each evaluator's under its name.
 """
 
 import json
@@ -20,11 +21,14 @@ flags.DEFINE_string("workdir", "workdir", "A training workdir (config.json and c
 flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) to evaluate instead of the "
                     "workdir's newest checkpoint; needs --config unless the workdir has config.json.")
 errors.define_config_file("config", None, "Config file; default: the workdir's config.json.")
-flags.DEFINE_string("split", None, "tfds split for top-1; default: the config's eval_split.")
-flags.DEFINE_bool("top1", True, "Top-1 over the whole split.")
-flags.DEFINE_bool("fewshot", False, "Few-shot linear regression on config.fewshot.datasets.")
-flags.DEFINE_string("fewshot_dataset", None, "Few-shot on this dataset's train and eval splits (e.g. the run's "
-                    "own, folder:PATH) instead of config.fewshot.datasets.")
+flags.DEFINE_list("evals", None, "Names in config.evals to run; default: the classification ones (unless "
+                  "--notop1), the few-shot ones with --fewshot, and those of any other type.")
+flags.DEFINE_string("split", None, "tfds split for top-1 (the classification evaluators); default: each one's "
+                    "config.evals.NAME.split.")
+flags.DEFINE_bool("top1", True, "Top-1 over a whole split (the classification evaluators).")
+flags.DEFINE_bool("fewshot", False, "Few-shot linear regression (the few-shot evaluators, on their datasets).")
+flags.DEFINE_string("fewshot_dataset", None, "Few-shot on this dataset's train and held-out splits (e.g. the "
+                    "run's own, folder:PATH) instead of the few-shot evaluators' datasets.")
 flags.DEFINE_bool("random_init", False, "Evaluate the config's model at initialisation (a baseline), not a checkpoint.")
 FLAGS = flags.FLAGS
 
@@ -42,8 +46,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import fewshot, input_pipeline, steps, train_lib
+  from mixer import evaluators, train_lib
   config = FLAGS.config or cli.load_config(FLAGS.workdir)
+  names = selected_evals(config)
   s = train_lib.setup(config)
   init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
   # Params laid out on the whole mesh by config.param_sharding, as load_params restores them.
@@ -57,28 +62,39 @@ def main(argv):
     params, step = on_mesh(params), FLAGS.checkpoint
   else:
     step, params = train_lib.load_params(config, FLAGS.workdir, s)
-  params_sharding = jax.tree.map(lambda x: x.sharding, params)
+  evals = evaluators.from_config(config, s, jax.tree.map(lambda x: x.sharding, params), names, progress=True)
   results = {"dataset": config.dataset, "step": step}
-  if FLAGS.top1:
-    split = FLAGS.split or config.eval_split
-    eval_step = steps.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
-    results.update(split=split, **steps.evaluate(
-        eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split),
-        sync_every=config.sync_every_steps))
-    print(f"Top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
-          f"{results['top1']:.4f}")
-  if FLAGS.fewshot:
-    if FLAGS.fewshot_dataset:
-      config.fewshot.datasets = {FLAGS.fewshot_dataset: (FLAGS.fewshot_dataset, config.train_split, config.eval_split)}
-    few = fewshot.run(config.fewshot, s.model, params, params_sharding, s.mesh, config.data_dir, progress=True)
-    results["fewshot"] = few
-    print(f"Few-shot linear regression top-1 (%), mean of {config.fewshot.seeds} seeds, step {step}:")
-    print(fewshot.table(few))
+  for name, evaluator in evals.items():
+    results[name] = evaluator.run(params)
+    print(evaluator.summary(results[name], step))
   if jax.process_index() == 0:
-    name = "eval" + (f"_{results['split'].replace(':', '_')}" if FLAGS.top1 else "")
-    name += ("_fewshot" if FLAGS.fewshot else "") + ("_random_init" if FLAGS.random_init else "")
+    tags = dict.fromkeys(evaluator.file_tag() for evaluator in evals.values())  # e.g. eval_test_fewshot.json
+    name = "_".join(["eval", *tags]) + ("_random_init" if FLAGS.random_init else "")
     epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(FLAGS.workdir) / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def selected_evals(config) -> list[str]:
+  """The names in config.evals that the flags select; --split and --fewshot_dataset applied to them."""
+  from mixer import evaluators, input_pipeline
+  evaluators.validate(config)
+  if FLAGS.evals:
+    unknown = [name for name in FLAGS.evals if name not in config.evals]
+    if unknown:
+      raise ValueError(f"--evals={','.join(FLAGS.evals)}: {unknown[0]!r} is not in config.evals "
+                       f"({', '.join(config.evals)})")
+  wanted = {"classification": FLAGS.top1, "fewshot": FLAGS.fewshot}
+  names = FLAGS.evals or [name for name, e in config.evals.items() if wanted.get(e.type, True)]
+  if not names:
+    raise ValueError("nothing to evaluate: no evaluator of config.evals is selected (--notop1 without --fewshot?)")
+  for name in names:
+    settings = config.evals[name]
+    if settings.type == "classification" and FLAGS.split:
+      settings.split = FLAGS.split
+    if settings.type == "fewshot" and FLAGS.fewshot_dataset:
+      test_split = (input_pipeline.held_out_split(config) or (None, "test"))[1]
+      settings.datasets = {FLAGS.fewshot_dataset: (FLAGS.fewshot_dataset, config.train_split, test_split)}
+  return names
 
 
 if __name__ == "__main__":

@@ -41,9 +41,11 @@ def main(argv):
     print(f"Preempted: stopped at step {history['preempted_at']} with a complete checkpoint in "
           f"{FLAGS.workdir}; rerun the same command to resume.")
     sys.exit(PREEMPTED_EXIT_CODE)
-  final = history["eval"][-1] if history["eval"] else None
+  # The first classification evaluator's last result (config.evals; a few-shot one has no "top1").
+  final = next((history[name][-1] for name in FLAGS.config.evals if history[name] and "top1" in history[name][-1]),
+               None)
   if final:
-    print(f"Final test top-1 ({FLAGS.config.dataset}:{FLAGS.config.eval_split}, step {final['step']}, "
+    print(f"Final test top-1 ({FLAGS.config.dataset}:{final['split']}, step {final['step']}, "
           f"{final['num_examples']} examples): {final['top1']:.4f}")
   else:
     print(f"Nothing to train: the checkpoint in {FLAGS.workdir} is already at step "

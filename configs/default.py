@@ -17,7 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = config_dict.placeholder(str)  # None: tfds's default (~/tensorflow_datasets).
   config.train_split = "train"
   config.train_percent = 100  # train on the first N% of train_split (the paper's 3/10/30/100% study).
-  config.eval_split = "test"
   config.label_subset = ""  # keep only these classes, relabelled from 0: "5-9" or "0,2,4"; "" keeps all.
   config.label_key = "label"  # a ClassLabel, or a Sequence of them (multi-label, JFT-style).
   config.max_labels = 16  # multi-label only: labels kept per image.
@@ -72,15 +71,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter layout: replicated (data parallel), fsdp, tensor, fsdp_tensor, or "embed=data,mlp=model".
   config.param_sharding = "replicated"
 
-  # Few-shot linear regression on frozen features (paper Sec. 3; ViT paper Sec. 4.1).
-  config.fewshot = ml_collections.ConfigDict()
-  config.fewshot.datasets = {"digits": ("digits", "train", "test")}  # name: (tfds name, train, test split)
-  config.fewshot.shots = (1, 5, 10, 25)
-  config.fewshot.seeds = 3  # support sets drawn per shot count; results are their mean.
-  config.fewshot.l2_reg = 2.0**10  # as big_vision's few-shot evaluator.
-  config.fewshot.pp = "decode(channels=1)|resize(16)|value_range(-1, 1)"
-  config.fewshot.batch_size = 256
-  config.fewshot.every_steps = 0  # during training too, every N steps (0: only with evaluate.py --fewshot).
+  # Evaluators (mixer/evaluators/), each named by its TensorBoard prefix: its type, every_steps (N: every N
+  # training steps and at the last; 0: only from evaluate.py) and the type's own keys.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.eval = ml_collections.ConfigDict(dict(  # top-1 and loss on a whole split (eval/top1)
+      type="classification", split="test", every_steps=100))
+  # Few-shot linear regression on frozen features (paper Sec. 3; ViT paper Sec. 4.1), fewshot/digits_5shot.
+  config.evals.fewshot = ml_collections.ConfigDict(dict(
+      type="fewshot",
+      datasets={"digits": ("digits", "train", "test")},  # name: (tfds name, train split, test split)
+      shots=(1, 5, 10, 25),
+      seeds=3,  # support sets drawn per dataset; results are their mean.
+      l2_reg=2.0**10,  # as big_vision's few-shot evaluator.
+      pp="decode(channels=1)|resize(16)|value_range(-1, 1)",
+      batch_size=256,
+      every_steps=0))  # 0: only with evaluate.py --fewshot.
 
   # A non-finite loss or gradient: "stop" (raise, keeping the checkpoints from before it) or "skip" the update.
   config.nan_policy = "stop"
@@ -94,7 +99,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 10
   # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.
   config.sync_every_steps = 16
-  config.eval_every_steps = 100
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 3
   return config

@@ -18,10 +18,10 @@ def parse(arg: str) -> tuple[str, int]:
 
 
 def finetune_config(arg: str, dataset: str, steps: int, train_split: str = "train",
-                    eval_split: str = "test") -> ml_collections.ConfigDict:
+                    test_split: str = "test") -> ml_collections.ConfigDict:
   variant, resolution = parse(arg)
   config = default.get_config()
-  config.dataset, config.train_split, config.eval_split = dataset, train_split, eval_split
+  config.dataset, config.train_split, config.evals.eval.split = dataset, train_split, test_split
   config.model.variant = variant
   config.model.dtype = "bfloat16"
   config.init.checkpoint = None  # set it: --config.init.checkpoint=imagenet21k_Mixer-B_16.npz or a workdir.
@@ -32,10 +32,11 @@ def finetune_config(arg: str, dataset: str, steps: int, train_split: str = "trai
   eval_resize = resolution * 256 // 224
   config.pp_eval = f"decode(channels=3)|resize({eval_resize})|central_crop({resolution})|value_range(-1, 1)"
   # evaluate.py --fewshot on a fine-tuned model: the paper's small few-shot datasets, at its resolution.
-  config.fewshot.datasets = {"cifar10": ("cifar10", "train", "test"), "cifar100": ("cifar100", "train", "test"),
-                             "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
-                             "oxford_flowers102": ("oxford_flowers102", "train", "test")}
-  config.fewshot.pp = f"decode(channels=3)|resize({resolution})|value_range(-1, 1)"
+  config.evals.fewshot.datasets = {
+      "cifar10": ("cifar10", "train", "test"), "cifar100": ("cifar100", "train", "test"),
+      "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
+      "oxford_flowers102": ("oxford_flowers102", "train", "test")}
+  config.evals.fewshot.pp = f"decode(channels=3)|resize({resolution})|value_range(-1, 1)"
   config.shuffle_buffer = 50_000
   config.batch_size = 512  # Sec. 3.
   config.eval_batch_size = 512
@@ -50,6 +51,6 @@ def finetune_config(arg: str, dataset: str, steps: int, train_split: str = "trai
   config.total_steps = steps
   config.log_every_steps = 50
   config.sync_every_steps = 50
-  config.eval_every_steps = max(steps // 10, 100)
+  config.evals.eval.every_steps = max(steps // 10, 100)
   config.checkpoint_every_steps = max(steps // 10, 100)
   return config

@@ -11,4 +11,4 @@ from configs import finetune
 
 def get_config(arg: str = "b16"):
   return finetune.finetune_config(
-      arg, dataset="cifar100", steps=10_000, train_split="train", eval_split="test")
+      arg, dataset="cifar100", steps=10_000, train_split="train", test_split="test")

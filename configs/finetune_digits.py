@@ -13,11 +13,11 @@ def get_config():
   config.label_subset = "5-9"
   config.model.variant = "Ti/4"
   config.model.dtype = "float32"
-  config.pp_train = config.pp_eval = config.fewshot.pp = "decode(channels=1)|resize(16)|value_range(-1, 1)"
-  config.fewshot.datasets = {"digits": ("digits", "train", "test")}
+  config.pp_train = config.pp_eval = config.evals.fewshot.pp = "decode(channels=1)|resize(16)|value_range(-1, 1)"
+  config.evals.fewshot.datasets = {"digits": ("digits", "train", "test")}
   config.shuffle_buffer = 2_000
   config.batch_size, config.eval_batch_size = 128, 256  # 719 training images.
   config.warmup_steps = 5
   config.log_every_steps = config.sync_every_steps = 10
-  config.eval_every_steps = config.checkpoint_every_steps = 30
+  config.evals.eval.every_steps = config.checkpoint_every_steps = 30
   return config

@@ -11,4 +11,4 @@ from configs import finetune
 
 def get_config(arg: str = "b16"):
   return finetune.finetune_config(
-      arg, dataset="imagenet2012", steps=20_000, train_split="train", eval_split="validation")
+      arg, dataset="imagenet2012", steps=20_000, train_split="train", test_split="validation")

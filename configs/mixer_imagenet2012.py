@@ -34,16 +34,17 @@ def pretraining_config(arg: str) -> ml_collections.ConfigDict:
   config.pp_eval = "decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"
   # The paper's few-shot datasets (its Avg5 tasks), at the pre-training resolution; during pre-training
   # only ImageNet 5-shot, the paper's curve (Fig. 3 right, Fig. 4).
-  config.fewshot.datasets = {"imagenet2012": ("imagenet2012", "train", "validation"),
-                             "cifar10": ("cifar10", "train", "test"), "cifar100": ("cifar100", "train", "test"),
-                             "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
-                             "oxford_flowers102": ("oxford_flowers102", "train", "test")}
-  config.fewshot.pp = "decode(channels=3)|resize(224)|value_range(-1, 1)"
-  config.fewshot.batch_size = 1024
-  config.fewshot.every_steps = 0
+  config.evals.fewshot.datasets = {
+      "imagenet2012": ("imagenet2012", "train", "validation"),
+      "cifar10": ("cifar10", "train", "test"), "cifar100": ("cifar100", "train", "test"),
+      "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test"),
+      "oxford_flowers102": ("oxford_flowers102", "train", "test")}
+  config.evals.fewshot.pp = "decode(channels=3)|resize(224)|value_range(-1, 1)"
+  config.evals.fewshot.batch_size = 1024
+  config.evals.fewshot.every_steps = 0
   config.log_every_steps = 50
   config.sync_every_steps = 50  # accelerators do not have XLA:CPU's in-flight limit.
-  config.eval_every_steps = 5_000
+  config.evals.eval.every_steps = 5_000
   config.checkpoint_every_steps = 1_000
   # Layout, from the TPU compiler at batch 4096 on a v3-256 slice (benchmarks/memory.py --topologies v3:8x16
   # --search; README, Memory per device): every variant fits a v3 core's 16 GB replicated or FSDP, with no
@@ -59,7 +60,7 @@ def get_config(arg: str = "b16") -> ml_collections.ConfigDict:
   config = pretraining_config(arg)
   config.dataset = "imagenet2012"
   config.train_split = "train"
-  config.eval_split = "validation"
+  config.evals.eval.split = "validation"
   # Table 4 (B and L on ImageNet): RandAugment 15, mixup 0.5, stochastic depth 0.1, 300 epochs.
   config.pp_train = ("decode_jpeg_and_inception_crop(224)|flip_lr|randaugment(2, 15)|value_range(-1, 1)")
   config.mixup = 0.5

@@ -21,7 +21,7 @@ def get_config(arg: str = "b16") -> ml_collections.ConfigDict:
   config = mixer_imagenet2012.pretraining_config(arg)
   config.dataset = "imagenet21k/fall11"
   config.train_split = "train"
-  config.eval_split = "validation"  # 5 held-out images per class (the builder's).
+  config.evals.eval.split = "validation"  # 5 held-out images per class (the builder's).
   # Large label space: independent sigmoids (App. B of the ViT paper, which the Mixer setup follows).
   config.loss = "sigmoid_xent"
   magnitude, mixup = _AUGMENT[config.model.variant[0]]

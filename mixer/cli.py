@@ -132,7 +132,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   # The defaults first, so that a workdir written before a field existed still evaluates.
   from configs import default
   config = default.get_config()
-  _update(config, json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  if "evals" in saved:  # the run's own evaluators, not the defaults' beside them.
+    config.evals = ml_collections.ConfigDict(saved.pop("evals"))
+  _update(config, saved)
   return config
 
 

@@ -102,13 +102,25 @@ def is_multilabel(config, builder) -> bool:
   return _label_feature(config, builder)[1]
 
 
+def held_out_split(config) -> tuple[str, str] | None:
+  """(its config key, the split) of config.evals' first classification evaluator: the held-out split
+  that DatasetInfo counts and eval_iterator reads by default; None without such an evaluator."""
+  for name, settings in config.evals.items():
+    if settings.get("type") == "classification":
+      return f"evals.{name}.split", settings.split
+  return None
+
+
 def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
-  splits = {"train_split": train_split(config), "eval_split": config.eval_split}
+  held_out = held_out_split(config)
+  splits = {"train_split": train_split(config)}
+  if held_out:
+    splits[held_out[0]] = held_out[1]
   for key, split in splits.items():
     try:
       builder.info.splits[split]
     except (KeyError, ValueError) as e:
-      raise ValueError(f"config.{key}={config[key]!r} is not a split of {config.dataset!r} "
+      raise ValueError(f"config.{key}={config.get(key, split)!r} is not a split of {config.dataset!r} "
                        f"({', '.join(builder.info.splits)}): {e}") from None
   subset = label_subset(config)
   num_classes = _label_feature(config, builder)[0].num_classes
@@ -118,7 +130,7 @@ def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
     num_classes = len(subset)
   train_counts = local_counts(config, builder, splits["train_split"])
   return DatasetInfo(num_classes=num_classes, num_train_examples=sum(train_counts),
-                     num_eval_examples=sum(local_counts(config, builder, config.eval_split)),
+                     num_eval_examples=sum(local_counts(config, builder, held_out[1])) if held_out else 0,
                      min_local_train_examples=min(train_counts))
 
 
@@ -162,7 +174,8 @@ def _labels(config, multilabel: bool):
 def image_shape(config, builder) -> tuple[int, ...]:
   """The shape of one image after the eval preprocessing: the model's input shape (the training
   preprocessing must give the same)."""
-  example = next(iter(_read(builder, config.eval_split, autocache=False).take(1)))
+  split = (held_out_split(config) or (None, train_split(config)))[1]
+  example = next(iter(_read(builder, split, autocache=False).take(1)))
   shape = tuple(preprocess.get_preprocess_fn(config.pp_eval)({"image": example["image"]})["image"].shape)
   # The training pipeline's static output shape, traced (not run: its decode may take JPEG only).
   traced = tf.data.Dataset.from_tensors({"image": example["image"], "rng": tf.constant([0, 0], tf.int64)})
@@ -273,11 +286,11 @@ def train_iterator(config, builder, info: DatasetInfo, mesh, start_step: int = 0
 
 
 def eval_iterator(config, builder, info: DatasetInfo, mesh, split=None) -> Iterator[Batch]:
-  """Every example of the split exactly once; padding examples carry mask 0.
+  """Every example of the split (default: held_out_split's) exactly once; padding examples carry mask 0.
 
   Processes may hold a different number of examples, so each pads to the same number of batches.
   """
-  split = split or config.eval_split
+  split = split or held_out_split(config)[1]
   batch = local_batch_size(config.eval_batch_size)
   counts = local_counts(config, builder, split)
   if min(counts) == 0:

@@ -21,7 +21,7 @@ def _next_seed(features: Features, op: str) -> tf.Tensor:
   """Splits the example's seed: one half for the calling (random) op, the other stays for the ops after it."""
   if "rng" not in features:
     raise ValueError(f"preprocessing op {op} is random, but runs without a seed: evaluation pipelines "
-                     f"(config.pp_eval, config.fewshot.pp) must be deterministic")
+                     f"(config.pp_eval, config.evals.NAME.pp) must be deterministic")
   seeds = tf.random.experimental.stateless_split(features["rng"], num=2)
   features["rng"] = seeds[1]
   return seeds[0]

@@ -15,7 +15,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mixer import checkpoints, console, fewshot, input_pipeline, models, optim, sharding, steps
+from mixer import checkpoints, console, evaluators, input_pipeline, models, optim, sharding, steps
 
 
 def validate_config(config, num_devices: int, num_processes: int) -> None:
@@ -44,13 +44,13 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"config.model.variant={config.model.variant!r}: the patch size must be positive")
   if input_pipeline.label_subset(config) == []:
     raise ValueError(f"config.label_subset={config.label_subset!r} selects no class (FIRST-LAST needs FIRST <= LAST)")
-  for key in ("log_every_steps", "sync_every_steps", "eval_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints"):
+  for key in ("log_every_steps", "sync_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
   for key in ("max_nonfinite_steps", "max_nonfinite_total"):
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be 0 or more")
+  evaluators.validate(config)
 
 
 def total_steps(config, info: input_pipeline.DatasetInfo) -> int:
@@ -189,7 +189,8 @@ class _Preemption:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history.
+  """Trains (resuming from the newest checkpoint in workdir), evaluates; returns the run's history: the
+  logged training metrics under "train", and each config.evals evaluator's results under its name.
 
   On SIGTERM or a first Ctrl-C it checkpoints the step it is in and returns early (history["preempted_at"],
   history["signal"]); on a non-finite loss (config.nan_policy="stop", or more skipped steps than
@@ -232,19 +233,19 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
       config.batch_size, start_step))
   if start_step >= num_steps:  # a finished run: no input pipeline, no second TensorBoard events file.
     manager.close()
-    return {"train": [], "eval": [], "fewshot": [], "final_step": start_step}
+    return {"train": [], **{name: [] for name in config.evals}, "final_step": start_step}
 
   progress = console.Progress(num_steps, config.batch_size)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
   train_step = steps.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
-  eval_step = steps.make_eval_step(config, s.model, s.num_classes, state_sharding.params, s.mesh)
+  evals = evaluators.from_config(config, s, state_sharding.params)
   batches = input_pipeline.train_iterator(config, s.builder, s.info, s.mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   rng = jax.random.key(config.seed + 1)
 
-  history = {"train": [], "eval": [], "fewshot": []}
+  history = {"train": [], **{name: [] for name in evals}}
   pending = []  # (step, metrics) not yet fetched from the devices.
   skipped = NonFiniteCount(config, manager)
 
@@ -283,18 +284,13 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
         flush_metrics()
       elif sync_point:
         jax.block_until_ready(metrics)
-      if step % config.eval_every_steps == 0 or step == num_steps:
-        results = steps.evaluate(eval_step, state.params,
-                                 input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh),
-                                 sync_every=config.sync_every_steps)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-        logging.info("Step %d: %s top-1 %.4f", step, config.eval_split, results["top1"])
-        history["eval"].append({"step": step, **results})
-      if config.fewshot.every_steps and (step % config.fewshot.every_steps == 0 or step == num_steps):
-        results = fewshot.run(config.fewshot, s.model, state.params, state_sharding.params, s.mesh,
-                              config.data_dir)
-        writer.write_scalars(step, fewshot.scalars(results))
-        history["fewshot"].append({"step": step, **results["mean"]})
+      for name, evaluator in evals.items():
+        if evaluators.due(evaluator, step, num_steps):
+          results = evaluator.run(state.params)
+          scalars = evaluator.scalars(results)
+          writer.write_scalars(step, {f"{name}/{k}": v for k, v in scalars.items()})
+          logging.info("Step %d: %s %s", step, name, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+          history[name].append({"step": step, **results})
       preempted = preemption.requested(step, sync_point or step % config.log_every_steps == 0)
       if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
         flush_metrics()  # never checkpoint a state that came from a non-finite step.

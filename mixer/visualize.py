@@ -65,7 +65,7 @@ def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64
                  fontsize=9)
     ax.axis("off")
   ax = axes[0][-1]
-  missing = [what for what, prefix in (("few-shot curves: train with --config.fewshot.every_steps=N", "fewshot/"),
+  missing = [what for what, prefix in (("few-shot curves: train with --config.evals.fewshot.every_steps=N", "fewshot/"),
                                        ("a top-1 curve: no eval was logged", "eval/top1"))
              if not any(t.startswith(prefix) for t in curves)]
   if missing:

@@ -44,3 +44,13 @@ def test_evaluate_without_a_run_names_the_missing_file(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert f"{tmp_path}/config.json does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_config_json_from_before_config_evals_names_the_moved_keys(tmp_path):
+  (tmp_path / "config.json").write_text('{"eval_split": "test", "fewshot": {"every_steps": 0}}')
+  result = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "config.eval_split is no longer read: evaluators are set in config.evals (now config.evals.eval.split)" in (
+      result.stderr), result.stderr[-3000:]

@@ -24,7 +24,8 @@ def test_config_loads_and_validates(name):
   if config.dataset == "digits":  # CPU runs must stay clear of XLA:CPU's in-flight deadlock.
     assert config.sync_every_steps <= 16
   # Few-shot images come in the shape the model is trained on (channels and resolution).
-  assert _output_shape(config.fewshot.pp) == _output_shape(config.pp_eval)
+  fewshot = [settings for settings in config.evals.values() if settings.type == "fewshot"]
+  assert fewshot and all(_output_shape(settings.pp) == _output_shape(config.pp_eval) for settings in fewshot)
 
 
 def _output_shape(pp: str) -> tuple:

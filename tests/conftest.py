@@ -37,7 +37,7 @@ def small_config(data_dir: str, **overrides):
   config.total_steps = 12
   config.warmup_steps = 2
   config.log_every_steps = 1
-  config.eval_every_steps = 1000
+  config.evals.eval.every_steps = 1000
   config.checkpoint_every_steps = 1000
   return override(config, **overrides)
 

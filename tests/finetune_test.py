@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def pretrained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   config = small_config(data_dir, label_subset="0-4", batch_size=64, total_steps=60, warmup_steps=5,
-                        eval_every_steps=60, checkpoint_every_steps=60, log_every_steps=10)
+                        checkpoint_every_steps=60, log_every_steps=10, **{"evals.eval.every_steps": 60})
   history = train_lib.train_and_evaluate(config, workdir)
   assert history["eval"][-1]["top1"] > 0.9
   return workdir
@@ -28,7 +28,7 @@ def _finetune_config(data_dir, checkpoint, **overrides):
   config.data_dir, config.init.checkpoint = data_dir, checkpoint
   config.total_steps, config.batch_size, config.warmup_steps = 60, 64, 5
   config.log_every_steps = config.sync_every_steps = 10
-  config.eval_every_steps = config.checkpoint_every_steps = 60
+  config.evals.eval.every_steps = config.checkpoint_every_steps = 60
   return override(config, **overrides)
 
 
@@ -86,8 +86,8 @@ def pretrained_32px(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrain32"))
   pp = "decode(channels=1)|resize(32)|value_range(-1, 1)"
   config = small_config(data_dir, label_subset="0-4", batch_size=64, total_steps=120, warmup_steps=5,
-                        eval_every_steps=120, checkpoint_every_steps=120, log_every_steps=10, pp_train=pp,
-                        pp_eval=pp)
+                        checkpoint_every_steps=120, log_every_steps=10, pp_train=pp, pp_eval=pp,
+                        **{"evals.eval.every_steps": 120})
   assert train_lib.train_and_evaluate(config, workdir)["eval"][-1]["top1"] > 0.9
   return workdir
 

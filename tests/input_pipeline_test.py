@@ -108,8 +108,8 @@ def test_unprepared_dataset_says_how_to_prepare(tmp_path):
 def test_unknown_dataset_and_split_name_the_key(data_dir):
   with pytest.raises(ValueError, match=r"config.dataset='no_such_dataset_xyz'"):
     input_pipeline.get_builder(small_config(data_dir, dataset="no_such_dataset_xyz"))
-  config = small_config(data_dir, eval_split="validation")
-  with pytest.raises(ValueError, match=r"config.eval_split='validation'"):
+  config = small_config(data_dir, **{"evals.eval.split": "validation"})
+  with pytest.raises(ValueError, match=r"config.evals.eval.split='validation' is not a split of 'digits'"):
     _setup(config)
 
 

@@ -26,7 +26,7 @@ def _shrink(config, data_dir, workdir):
   config.param_sharding = "replicated"
   config.batch_size, config.eval_batch_size = 8, 8
   config.total_steps, config.warmup_steps = 3, 1
-  config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 3, 3
+  config.log_every_steps, config.evals.eval.every_steps, config.checkpoint_every_steps = 1, 3, 3
   config.shuffle_buffer = 16
   return train_lib.train_and_evaluate(config, workdir)
 
@@ -49,7 +49,7 @@ def test_jft_style_config_trains_on_multilabel_data(tmp_path):
   """ImageNet-ReaL has a Sequence of labels per image, the shape of JFT's."""
   config = mixer_jft.get_config("b16")
   config.dataset, config.label_key, config.max_labels = "imagenet2012_real", "real_label", 4
-  config.train_split = config.eval_split = "validation"
+  config.train_split = config.evals.eval.split = "validation"
   assert config.loss == "sigmoid_xent" and "randaugment" not in config.pp_train and config.mixup == 0
   with mock_tfds("imagenet2012_real", str(tmp_path / "data"), {"validation": 16}):
     history = _shrink(config, str(tmp_path / "data"), str(tmp_path / "work"))

@@ -196,7 +196,7 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
 
   out = run(root, "python -m mixer.visualize --workdir workdir --out fig.png")
   assert (root / "fig.png").stat().st_size > 10_000
-  assert "no few-shot curves: train with --config.fewshot.every_steps=N" in out, out  # this run logged none
+  assert "no few-shot curves: train with --config.evals.fewshot.every_steps=N" in out, out  # this run logged none
 
   out = run(root, "python -m mixer.predict --workdir workdir digit.png")
   lines = out.splitlines()

@@ -21,7 +21,7 @@ from tests.conftest import REPO, override, small_config
 # Random everywhere a resumed run could diverge: augmentation, dropout, stochastic depth, mixup.
 RANDOM_RUN = ["--config.pp_train=decode(channels=1)|resize(20)|inception_crop(16)|flip_lr|value_range(-1, 1)",
               "--config.model.dropout_rate=0.1", "--config.model.stoch_depth=0.1", "--config.mixup=0.2",
-              "--config.batch_size=32", "--config.log_every_steps=1", "--config.eval_every_steps=1000",
+              "--config.batch_size=32", "--config.log_every_steps=1", "--config.evals.eval.every_steps=1000",
               "--config.warmup_steps=10"]
 
 

@@ -107,8 +107,8 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   workdir = str(tmp_path)
-  config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, eval_every_steps=15,
-                        log_every_steps=5)
+  config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, log_every_steps=5,
+                        **{"evals.eval.every_steps": 15})
   history = train_lib.train_and_evaluate(config, workdir)
   assert [e["step"] for e in history["eval"]] == [15, 30]
   assert history["eval"][-1]["top1"] > 0.5  # chance is 0.1

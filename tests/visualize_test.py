@@ -21,8 +21,8 @@ def test_weight_mosaic_tiles_each_unit_as_its_token_grid():
 
 @pytest.mark.slow
 def test_visualize_writes_a_png_of_weights_and_curves(data_dir, tmp_path):
-  config = small_config(data_dir, total_steps=20, eval_every_steps=10, log_every_steps=10)
-  config.fewshot.every_steps, config.fewshot.shots, config.fewshot.seeds = 10, (1, 5), 1
+  config = small_config(data_dir, total_steps=20, log_every_steps=10, **{"evals.eval.every_steps": 10})
+  config.evals.fewshot.every_steps, config.evals.fewshot.shots, config.evals.fewshot.seeds = 10, (1, 5), 1
   train_lib.train_and_evaluate(config, str(tmp_path))
   scalars = visualize.read_scalars(str(tmp_path))
   assert [s for s, _ in scalars["fewshot/digits_5shot"]] == [10, 20]

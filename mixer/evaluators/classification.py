@@ -1,0 +1,46 @@
+"""Top-1 and mean loss over every example of a split of the config's dataset (padding masked out), through
+the eval preprocessing (config.pp_eval) in batches of config.eval_batch_size.
+
+  config.evals.eval = ConfigDict(dict(type="classification", split="test", every_steps=100))
+"""
+
+from mixer import input_pipeline, steps
+
+KEYS = ("split",)
+
+
+def validate(settings, where: str) -> None:
+  if not isinstance(settings.split, str) or not settings.split:
+    raise ValueError(f"{where}.split={settings.split!r} must name a split of config.dataset")
+
+
+class Evaluator:
+  """Top-1 on settings.split; the model's logits come from the setup's model on its mesh."""
+
+  def __init__(self, name: str, settings, config, s, params_sharding, progress: bool = False):
+    del progress  # one jitted step per batch: fast enough without a progress bar.
+    self.split, self.every_steps = settings.split, settings.every_steps
+    self.dataset, self.sync_every = config.dataset, config.sync_every_steps
+    try:
+      s.builder.info.splits[self.split]
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"config.evals.{name}.split={self.split!r} is not a split of {config.dataset!r} "
+                       f"({', '.join(s.builder.info.splits)}): {e}") from None
+    self._eval_step = steps.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
+    self._batches = lambda: input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, self.split)
+
+  def run(self, params) -> dict:
+    """{"split", "top1", "loss", "num_examples"}."""
+    return {"split": self.split, **steps.evaluate(self._eval_step, params, self._batches(),
+                                                  sync_every=self.sync_every)}
+
+  def scalars(self, results: dict) -> dict[str, float]:
+    return {k: v for k, v in results.items() if k != "split"}
+
+  def summary(self, results: dict, step) -> str:
+    return (f"Top-1 ({self.dataset}:{self.split}, step {step}, {results['num_examples']} examples): "
+            f"{results['top1']:.4f}")
+
+  def file_tag(self) -> str:
+    """How evaluate.py's JSON file name tells this evaluation apart: the split."""
+    return self.split.replace(":", "_")
