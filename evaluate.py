@@ -30,9 +30,9 @@ FLAGS = flags.FLAGS
 
 
 def load_checkpoint(path: str) -> dict:
-  from mixer import checkpoints
+  from mixer import params_io
   try:
-    return checkpoints.load_pretrained(path)
+    return params_io.load(path)
   except (OSError, ValueError) as e:
     raise type(e)(f"--checkpoint={path}: {e}") from None
 
@@ -42,35 +42,37 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import fewshot, input_pipeline, steps, train_lib
+  from mixer import checkpoints, fewshot, input_pipeline, steps, train_lib, transfer
   config = FLAGS.config or cli.load_config(FLAGS.workdir)
-  s = train_lib.setup(config)
-  init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
-  # Params laid out on the whole mesh by config.param_sharding, as load_params restores them.
-  on_mesh = lambda params: jax.device_put(
-      params, jax.tree.map(lambda x: x.sharding, train_lib.abstract_params(config, s)))
+  mesh, builder, info = train_lib.setup(config)
+  model = train_lib.create_model(config, info)
+  init = lambda seed: steps.init_params(model, info.image_shape, seed)
+  # Params laid out on the whole mesh by config.param_sharding, as a checkpoint's restore.
+  abstract_params = steps.abstract_params(model, info.image_shape, mesh, config.param_sharding)
+  on_mesh = lambda params: jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract_params))
   if FLAGS.random_init:
     params, step = on_mesh(init(config.seed)), "init"
   elif FLAGS.checkpoint:
-    params = train_lib.init_from_pretrained(load_checkpoint(FLAGS.checkpoint), init(0), s.model,
-                                            new_head=not FLAGS.top1, source=FLAGS.checkpoint)
+    params = transfer.init_from_pretrained(load_checkpoint(FLAGS.checkpoint), init(0), model,
+                                           new_head=not FLAGS.top1, source=FLAGS.checkpoint)
     params, step = on_mesh(params), FLAGS.checkpoint
   else:
-    step, params = train_lib.load_params(config, FLAGS.workdir, s)
+    # Only the params are read (not the optimizer state): a third of a full restore's memory with Adam.
+    step, params = checkpoints.restore_params(FLAGS.workdir, abstract_params)
   params_sharding = jax.tree.map(lambda x: x.sharding, params)
   results = {"dataset": config.dataset, "step": step}
   if FLAGS.top1:
     split = FLAGS.split or config.eval_split
-    eval_step = steps.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
+    eval_step = steps.make_eval_step(config, model, model.num_classes, params_sharding, mesh)
     results.update(split=split, **steps.evaluate(
-        eval_step, params, input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, split),
+        eval_step, params, input_pipeline.eval_iterator(config, builder, info, mesh, split),
         sync_every=config.sync_every_steps))
     print(f"Top-1 ({config.dataset}:{split}, step {step}, {results['num_examples']} examples): "
           f"{results['top1']:.4f}")
   if FLAGS.fewshot:
     if FLAGS.fewshot_dataset:
       config.fewshot.datasets = {FLAGS.fewshot_dataset: (FLAGS.fewshot_dataset, config.train_split, config.eval_split)}
-    few = fewshot.run(config.fewshot, s.model, params, params_sharding, s.mesh, config.data_dir, progress=True)
+    few = fewshot.run(config.fewshot, model, params, params_sharding, mesh, config.data_dir, progress=True)
     results["fewshot"] = few
     print(f"Few-shot linear regression top-1 (%), mean of {config.fewshot.seeds} seeds, step {step}:")
     print(fewshot.table(few))

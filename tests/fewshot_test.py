@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from mixer import fewshot, train_lib
+from mixer import fewshot, steps, train_lib
 from tests.conftest import REPO, small_config
 
 
@@ -59,10 +59,10 @@ def test_sampling_takes_exactly_n_per_class_deterministically():
 def test_run_on_digits_returns_means_and_seeds(data_dir):
   config = small_config(data_dir)
   config.fewshot.shots, config.fewshot.seeds = (1, 5, 1000), 2  # no digit has 1000 training examples.
-  s = train_lib.setup(config)
-  params = jax.device_put(s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape))["params"])
-  results = fewshot.run(config.fewshot, s.model, params, jax.tree.map(lambda x: x.sharding, params), s.mesh,
-                        data_dir)
+  mesh, _, info = train_lib.setup(config)
+  model = train_lib.create_model(config, info)
+  params = jax.device_put(steps.init_params(model, info.image_shape, 0))
+  results = fewshot.run(config.fewshot, model, params, jax.tree.map(lambda x: x.sharding, params), mesh, data_dir)
   assert set(results["mean"]["digits"]) == {1, 5} and len(results["seeds"]["digits"][5]) == 2
   assert results["mean"]["digits"][5] == pytest.approx(np.mean(results["seeds"]["digits"][5]))
   assert 0.3 < results["mean"]["digits"][5] <= 1.0  # random features already beat chance (0.1).
