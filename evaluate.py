@@ -34,9 +34,9 @@ FLAGS = flags.FLAGS
 
 
 def load_checkpoint(path: str) -> dict:
-  from mixer import checkpoints
+  from mixer import params_io
   try:
-    return checkpoints.load_pretrained(path)
+    return params_io.load(path)
   except (OSError, ValueError) as e:
     raise type(e)(f"--checkpoint={path}: {e}") from None
 
@@ -46,23 +46,26 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import evaluators, train_lib
+  from mixer import checkpoints, evaluators, steps, train_lib, transfer
   config = FLAGS.config or cli.load_config(FLAGS.workdir)
   names = selected_evals(config)
-  s = train_lib.setup(config)
-  init = lambda seed: s.model.init(jax.random.key(seed), jax.numpy.zeros((1,) + s.image_shape))["params"]
-  # Params laid out on the whole mesh by config.param_sharding, as load_params restores them.
-  on_mesh = lambda params: jax.device_put(
-      params, jax.tree.map(lambda x: x.sharding, train_lib.abstract_params(config, s)))
+  mesh, builder, info = train_lib.setup(config)
+  model = train_lib.create_model(config, info)
+  init = lambda seed: steps.init_params(model, info.image_shape, seed)
+  # Params laid out on the whole mesh by config.param_sharding, as a checkpoint's restore.
+  abstract_params = steps.abstract_params(model, info.image_shape, mesh, config.param_sharding)
+  on_mesh = lambda params: jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract_params))
   if FLAGS.random_init:
     params, step = on_mesh(init(config.seed)), "init"
   elif FLAGS.checkpoint:
-    params = train_lib.init_from_pretrained(load_checkpoint(FLAGS.checkpoint), init(0), s.model,
-                                            new_head=not FLAGS.top1, source=FLAGS.checkpoint)
+    params = transfer.init_from_pretrained(load_checkpoint(FLAGS.checkpoint), init(0), model,
+                                           new_head=not FLAGS.top1, source=FLAGS.checkpoint)
     params, step = on_mesh(params), FLAGS.checkpoint
   else:
-    step, params = train_lib.load_params(config, FLAGS.workdir, s)
-  evals = evaluators.from_config(config, s, jax.tree.map(lambda x: x.sharding, params), names, progress=True)
+    # Only the params are read (not the optimizer state): a third of a full restore's memory with Adam.
+    step, params = checkpoints.restore_params(FLAGS.workdir, abstract_params)
+  evals = evaluators.from_config(config, model, mesh, jax.tree.map(lambda x: x.sharding, params), builder, names,
+                                 progress=True)
   results = {"dataset": config.dataset, "step": step}
   for name, evaluator in evals.items():
     results[name] = evaluator.run(params)
@@ -76,7 +79,7 @@ def main(argv):
 
 def selected_evals(config) -> list[str]:
   """The names in config.evals that the flags select; --split and --fewshot_dataset applied to them."""
-  from mixer import evaluators, input_pipeline
+  from mixer import dataset, evaluators
   evaluators.validate(config)
   if FLAGS.evals:
     unknown = [name for name in FLAGS.evals if name not in config.evals]
@@ -92,7 +95,7 @@ def selected_evals(config) -> list[str]:
     if settings.type == "classification" and FLAGS.split:
       settings.split = FLAGS.split
     if settings.type == "fewshot" and FLAGS.fewshot_dataset:
-      test_split = (input_pipeline.held_out_split(config) or (None, "test"))[1]
+      test_split = (dataset.held_out_split(config) or (None, "test"))[1]
       settings.datasets = {FLAGS.fewshot_dataset: (FLAGS.fewshot_dataset, config.train_split, test_split)}
   return names
 

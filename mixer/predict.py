@@ -61,7 +61,7 @@ def _lemmas() -> dict[str, str]:
 def class_names(config, num_classes: int) -> list[str]:
   """The names of the model's classes: its dataset's ClassLabel names (after config.label_subset);
   ImageNet synset ids get readable names where timm is installed; "class N" when none are known."""
-  from mixer import input_pipeline
+  from mixer import dataset
   from mixer.datasets import folder
   try:
     if folder.is_folder(config.dataset):
@@ -73,7 +73,7 @@ def class_names(config, num_classes: int) -> list[str]:
   except Exception as e:  # noqa: BLE001 - names are a convenience; the prediction stands without them.
     logging.warning("No class names from config.dataset=%r (%s): showing class indices", config.dataset, e)
     return [f"class {i}" for i in range(num_classes)]
-  subset = input_pipeline.label_subset(config)
+  subset = dataset.label_subset(config)
   names = [names[i] for i in subset] if subset is not None else list(names)
   if len(names) != num_classes:
     logging.warning("config.dataset=%r has %d classes, the model %d: showing class indices", config.dataset,
@@ -85,8 +85,8 @@ def class_names(config, num_classes: int) -> list[str]:
 
 def load(config, checkpoint: str):
   """(model, params) of a workdir or .npz, in the released layout, for config.model."""
-  from mixer import checkpoints, models
-  params = checkpoints.load_pretrained(checkpoint)
+  from mixer import models, params_io
+  params = params_io.load(checkpoint)
   if "head" not in params:
     raise ValueError(f"{checkpoint} has no classification head (a pre-logits release?): nothing to predict")
   num_classes = np.shape(params["head"]["kernel"])[-1]

@@ -1,4 +1,4 @@
-"""The device mesh, and how batches, parameters and optimizer state are laid out on it.
+"""The device mesh, and how batches, parameters and optimizer state are laid out on it (and moved onto it).
 
 Parameters get logical axis names from their path (the released names, so the table below reads like
 the model); config.param_sharding maps logical names to mesh axes. Presets: "replicated" (pure data
@@ -6,7 +6,9 @@ parallel), "fsdp" (every parameter and its optimizer state split over "data"), "
 hidden units split over "model"), "fsdp_tensor" (both); or explicit rules "embed=data,mlp=model".
 """
 
+import collections
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -14,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mixer import trees
 
 AXES = ("data", "model")
 
@@ -83,6 +87,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def global_batches(local_batches: Iterator[dict], mesh: Mesh, depth: int) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays, split over the data axis, from each process's batches; `depth` batches stay in flight to
+  the devices while the host prepares the next."""
+  data = batch_sharding(mesh)
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append({k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()})
+    if len(queue) > depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -100,11 +117,6 @@ def parse_rules(param_sharding: str) -> dict[str, str]:
   return rules
 
 
-def path_string(keys) -> str:
-  """A tree path as "params/MixerBlock_0/token_mixing/Dense_0/kernel" (dict keys, attributes, indices)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
-
-
 def logical_axes(path: str, ndim: int) -> tuple:
   """The logical axis names of the leaf at `path`; a scanned (stacked) leaf has a leading None."""
   for pattern, axes in LOGICAL_AXES:
@@ -120,7 +132,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, str]) -> Any:
   every variant.
   """
   def spec(keys, leaf):
-    path = path_string(keys)
+    path = trees.path_string(keys)
     axes = logical_axes(path, leaf.ndim)
     dims = []
     for size, name in zip(leaf.shape, axes, strict=True):

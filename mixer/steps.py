@@ -45,31 +45,39 @@ def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
 
 
+def init_params(model, image_shape: tuple[int, ...], seed: int) -> Any:
+  """The model's freshly initialised params for images of `image_shape`."""
+  return model.init(jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+
+
 def init_fn(model, tx, image_shape: tuple[int, ...], seed: int) -> Callable[[], TrainState]:
   def init():
-    params = model.init(jax.random.key(seed), jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+    params = init_params(model, image_shape, seed)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 
 
-def state_sharding_for(model, tx, image_shape: tuple[int, ...], mesh, param_sharding: str):
-  """The sharding of every leaf of the train state: params and optimizer state alike follow the rules."""
-  shapes = jax.eval_shape(init_fn(model, tx, image_shape, 0))
-  return sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
+def _abstract(init: Callable[[], Any], mesh, param_sharding: str) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs of what init() returns, carrying the shardings of config.param_sharding; the shardings)."""
+  shapes = jax.eval_shape(init)
+  shardings = sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings), shardings
 
 
-def abstract_train_state(model, tx, image_shape: tuple[int, ...], mesh, param_sharding: str):
-  """(ShapeDtypeStructs of the train state carrying their shardings, the shardings): for compiling without
-  allocating (memory benchmarks, TPU slices seen from a CPU host)."""
-  state_sharding = state_sharding_for(model, tx, image_shape, mesh, param_sharding)
-  shapes = jax.eval_shape(init_fn(model, tx, image_shape, 0))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                      state_sharding), state_sharding
+def abstract_params(model, image_shape: tuple[int, ...], mesh, param_sharding: str) -> Any:
+  """The params' shapes, dtypes and shardings, allocating nothing: what a checkpoint's params restore to."""
+  return _abstract(lambda: init_params(model, image_shape, 0), mesh, param_sharding)[0]
+
+
+def abstract_train_state(model, tx, image_shape: tuple[int, ...], mesh, param_sharding: str) -> tuple[Any, Any]:
+  """(the train state's shapes, dtypes and shardings, the shardings): params and optimizer state alike follow
+  config.param_sharding. For restoring, and for compiling without allocating (memory, TPU slices from a CPU host)."""
+  return _abstract(init_fn(model, tx, image_shape, 0), mesh, param_sharding)
 
 
 def create_train_state(model, tx, image_shape: tuple[int, ...], mesh, seed: int, param_sharding: str = "replicated"):
   """Initialises params and optimizer state directly in their sharding (never whole on one device)."""
-  state_sharding = state_sharding_for(model, tx, image_shape, mesh, param_sharding)
+  _, state_sharding = abstract_train_state(model, tx, image_shape, mesh, param_sharding)
   return jax.jit(init_fn(model, tx, image_shape, seed), out_shardings=state_sharding)(), state_sharding
 
 

@@ -91,7 +91,7 @@ def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
-  from mixer import datasets, input_pipeline, preprocess  # noqa: F401 (datasets registers our builders)
+  from mixer import dataset, preprocess
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     feature = builder.info.features[config.label_key]
@@ -100,8 +100,8 @@ def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
   multilabel = (isinstance(feature, tfds.features.Sequence) if feature is not None
                 else config.loss == "sigmoid_xent")
   num_classes = config.num_classes
-  if not num_classes and input_pipeline.label_subset(config):
-    num_classes = len(input_pipeline.label_subset(config))
+  if not num_classes and dataset.label_subset(config):
+    num_classes = len(dataset.label_subset(config))
   if not num_classes:
     if feature is None:
       raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset with a {config.label_key!r} "
@@ -113,7 +113,7 @@ def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
     if builder is None or not builder.is_prepared():
       raise ValueError(f"config.pp_eval={config.pp_eval!r} gives images of shape {shape}: end it with a fixed "
                        f"size (e.g. resize(224) or central_crop(224)) or prepare the dataset")
-    return num_classes, input_pipeline.image_shape(config, builder), multilabel
+    return num_classes, dataset.image_shape(config, builder), multilabel
   return num_classes, tuple(shape), multilabel
 
 
@@ -216,8 +216,7 @@ def compile_inference(config, name: str, per_device_batch: int) -> dict:
   mesh = sharding.create_mesh({"data": -1, "model": 1}, devices)
   num_classes, image_shape, _ = dataset_facts(config)
   model = models.create_model(config.model, num_classes)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape))["params"])
-  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sharding.replicated(mesh)), params)
+  params = steps.abstract_params(model, image_shape, mesh, "replicated")
   images = jax.ShapeDtypeStruct((len(devices) * per_device_batch,) + image_shape, jnp.float32,
                                 sharding=sharding.batch_sharding(mesh))
   start = time.perf_counter()

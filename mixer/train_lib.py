@@ -1,21 +1,33 @@
 """The training loop: setup from a config, pre-trained initialisation, periodic eval, checkpoints."""
 
 import json
-import math
 import signal
 import threading
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mixer import checkpoints, console, evaluators, input_pipeline, models, optim, sharding, steps
+from mixer import (
+  checkpoints,
+  console,
+  dataset,
+  evaluators,
+  input_pipeline,
+  models,
+  optim,
+  sharding,
+  steps,
+  transfer,
+  trees,
+  workdir_lock,
+)
 
 
 def validate_config(config, num_devices: int, num_processes: int) -> None:
@@ -42,7 +54,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
       raise ValueError(f"config.model.{key}={config.model[key]} is not in [0, 1)")
   if models.variant_kwargs(config.model.variant)["patch_size"] <= 0:
     raise ValueError(f"config.model.variant={config.model.variant!r}: the patch size must be positive")
-  if input_pipeline.label_subset(config) == []:
+  if dataset.label_subset(config) == []:
     raise ValueError(f"config.label_subset={config.label_subset!r} selects no class (FIRST-LAST needs FIRST <= LAST)")
   for key in ("log_every_steps", "sync_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
@@ -53,7 +65,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   evaluators.validate(config)
 
 
-def total_steps(config, info: input_pipeline.DatasetInfo) -> int:
+def total_steps(config, info: dataset.DatasetInfo) -> int:
   if config.total_steps > 0:
     return config.total_steps
   if config.total_epochs <= 0:
@@ -61,69 +73,32 @@ def total_steps(config, info: input_pipeline.DatasetInfo) -> int:
   return max(1, round(config.total_epochs * info.num_train_examples / config.batch_size))
 
 
-@flax.struct.dataclass
-class Setup:
-  """What both training and evaluation build from a config."""
-  mesh: Any = flax.struct.field(pytree_node=False)
-  builder: Any = flax.struct.field(pytree_node=False)
-  info: input_pipeline.DatasetInfo = flax.struct.field(pytree_node=False)
-  model: models.MlpMixer = flax.struct.field(pytree_node=False)
-  num_classes: int = flax.struct.field(pytree_node=False)
-  image_shape: tuple = flax.struct.field(pytree_node=False)
-
-
-def setup(config) -> Setup:
+def setup(config) -> tuple[jax.sharding.Mesh, tfds.core.DatasetBuilder, dataset.DatasetInfo]:
+  """Checks the config; (the device mesh, config.dataset's prepared builder, its facts): where training and
+  evaluation start."""
   validate_config(config, jax.device_count(), jax.process_count())
   mesh = sharding.create_mesh(config.mesh)
-  builder = input_pipeline.get_builder(config)
-  info = input_pipeline.get_info(config, builder)
-  num_classes = config.num_classes or info.num_classes
-  model = models.create_model(config.model, num_classes)
-  return Setup(mesh, builder, info, model, num_classes, input_pipeline.image_shape(config, builder))
+  builder = dataset.get_builder(config)
+  return mesh, builder, dataset.get_info(config, builder)
 
 
-def prepare_pretrained(config, s: Setup) -> tuple[Setup, dict | None]:
-  """Loads config.init.checkpoint, adapted to this model's token grid (paper App. C).
+def create_model(config, info: dataset.DatasetInfo) -> models.MlpMixer:
+  """config.model with a head for config.num_classes classes, or for the dataset's."""
+  return models.create_model(config.model, config.num_classes or info.num_classes)
 
-  A K times larger grid widens token mixing to K^2 D_S hidden units: the model is rebuilt and
-  config.model.tokens_mlp_dim records the width, so config.json describes the fine-tuned model.
+
+def load_pretrained(config, info: dataset.DatasetInfo) -> tuple[ml_collections.ConfigDict, dict | None]:
+  """(the run's config, config.init.checkpoint's params with token mixing for the run's token grid).
+
+  A K times larger grid widens token mixing to K^2 D_S hidden units (paper App. C): the run's config is
+  then a copy whose model.tokens_mlp_dim says so, and so is its config.json. The caller's config is unchanged.
   """
-  if not config.init.checkpoint:
-    return s, None
-  try:
-    pretrained = checkpoints.load_pretrained(config.init.checkpoint)
-  except (OSError, ValueError) as e:
-    raise type(e)(f"config.init.checkpoint={config.init.checkpoint!r}: {e}") from None
-  grid = (s.image_shape[0] // s.model.patch_size, s.image_shape[1] // s.model.patch_size)
-  block = pretrained.get("MixerBlock_0", {}).get("token_mixing", {}).get("Dense_0", {})
-  old_tokens = np.shape(block.get("kernel", np.zeros((grid[0] * grid[1], 0))))[0]
-  if old_tokens != grid[0] * grid[1]:
-    side = math.isqrt(old_tokens)
-    if side * side != old_tokens:
-      raise ValueError(f"{config.init.checkpoint}: {old_tokens} pre-trained tokens are not a square grid")
-    if config.init.token_mixing == "resample":  # any grid; D_S unchanged
-      logging.info("Token grid %dx%d -> %dx%d: token mixing resampled", side, side, *grid)
-      return s, checkpoints.resample_token_mixing(pretrained, (side, side), grid)
-    if config.init.token_mixing != "block_diagonal":
-      raise ValueError(f"config.init.token_mixing={config.init.token_mixing!r} is not one of block_diagonal, "
-                       f"resample")
-    pretrained = checkpoints.block_diagonal_token_mixing(pretrained, (side, side), grid)
-    config.model.tokens_mlp_dim = pretrained["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[1]
-    logging.info("Token grid %dx%d -> %dx%d: block-diagonal token mixing, %d hidden units", side, side, *grid,
-                 config.model.tokens_mlp_dim)
-    s = s.replace(model=models.create_model(config.model, s.num_classes))
-  return s, pretrained
-
-
-def init_from_pretrained(pretrained: dict, fresh: dict, model: models.MlpMixer, new_head: bool, source: str):
-  """The pre-trained params, with this model's fresh zero-initialised head when new_head; checked."""
-  params = {k: v for k, v in pretrained.items() if k != "head" or not new_head}
-  if new_head and "head" in fresh:
-    params["head"] = jax.device_get(fresh["head"])
-  if model.scan_blocks:
-    params = models.stack_blocks(params)
-  checkpoints.check_params(params, fresh, source)
-  return params
+  patch = models.variant_kwargs(config.model.variant)["patch_size"]
+  pretrained, width = transfer.load_for_grid(config.init, (info.image_shape[0] // patch, info.image_shape[1] // patch))
+  if width is not None:
+    config = config.copy_and_resolve_references()
+    config.model.tokens_mlp_dim = width
+  return config, pretrained
 
 
 def save_config(config, workdir: str) -> None:
@@ -196,20 +171,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   history["signal"]); on a non-finite loss (config.nan_policy="stop", or more skipped steps than
   config.max_nonfinite_steps allows) it raises NonFiniteLossError and keeps only checkpoints from before
   that step; a save that fails raises checkpoints.CheckpointSaveError. The workdir is locked meanwhile
-  (checkpoints.WorkdirLockedError when another trainer holds it), and its config.json is written only
+  (workdir_lock.WorkdirLockedError when another trainer holds it), and its config.json is written only
   once the checkpoint, if any, has restored.
   """
-  s, pretrained = prepare_pretrained(config, setup(config))
+  mesh, builder, info = setup(config)
+  config, pretrained = load_pretrained(config, info)
+  model = create_model(config, info)
   _check_workdir(workdir)
-  with checkpoints.workdir_lock(workdir):
-    return _train_and_evaluate(config, workdir, s, pretrained)
+  with workdir_lock.held(workdir):
+    return _train_and_evaluate(config, workdir, mesh, builder, info, model, pretrained)
 
 
-def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None) -> dict[str, Any]:
-  num_steps = total_steps(config, s.info)
+def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.DatasetInfo, model: models.MlpMixer,
+                        pretrained: dict | None) -> dict[str, Any]:
+  num_steps = total_steps(config, info)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
+  state, state_sharding = steps.create_train_state(model, tx, info.image_shape, mesh, config.seed,
                                                    config.param_sharding)
 
   manager = checkpoints.create_manager(workdir, config)
@@ -223,13 +201,14 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
     state = restored
     logging.info("Restored checkpoint from step %d in %s", restored_step, manager.directory)
   elif pretrained is not None:
-    params = init_from_pretrained(pretrained, state.params, s.model, config.init.new_head, config.init.checkpoint)
+    params = transfer.init_from_pretrained(pretrained, state.params, model, config.init.new_head,
+                                           config.init.checkpoint)
     state = state.replace(params=jax.device_put(params, state_sharding.params))
     logging.info("Initialised from %s (new head: %s)", config.init.checkpoint, config.init.new_head)
   start_step = int(state.step)
   logging.info("%s", console.header(
-      config.model.variant, sum(x.size for x in jax.tree.leaves(state.params)), dict(s.mesh.shape), config.dataset,
-      s.info.num_train_examples, s.info.num_eval_examples, s.num_classes, s.image_shape, num_steps,
+      config.model.variant, sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape), config.dataset,
+      info.num_train_examples, info.num_eval_examples, model.num_classes, info.image_shape, num_steps,
       config.batch_size, start_step))
   if start_step >= num_steps:  # a finished run: no input pipeline, no second TensorBoard events file.
     manager.close()
@@ -239,9 +218,9 @@ def _train_and_evaluate(config, workdir: str, s: Setup, pretrained: dict | None)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
-  train_step = steps.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
-  evals = evaluators.from_config(config, s, state_sharding.params)
-  batches = input_pipeline.train_iterator(config, s.builder, s.info, s.mesh, start_step)
+  train_step = steps.make_train_step(config, model, tx, schedule, model.num_classes, state_sharding, mesh)
+  evals = evaluators.from_config(config, model, mesh, state_sharding.params, builder)
+  batches = input_pipeline.train_iterator(config, builder, info, mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   rng = jax.random.key(config.seed + 1)
 
@@ -353,29 +332,5 @@ def config_differences(config, workdir: str) -> str:
       f"{k}={here.get(k, '(absent)')!r} (saved: {saved.get(k, '(absent)')!r})" for k in keys) + ".\n")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for k, v in tree.items():
-    flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return flat
-
-
-def _stack(metrics: list[dict]) -> dict:
-  return {k: jnp.stack([m[k] for m in metrics]) for k in metrics[0]}
-
-
-def abstract_params(config, s: Setup):
-  """Shapes, dtypes and shardings (config.param_sharding on the setup's mesh) of the model's params."""
-  shapes = {"params": jax.eval_shape(
-      lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape, jnp.float32))["params"])}
-  shardings = sharding.tree_shardings(shapes, s.mesh, sharding.parse_rules(config.param_sharding))
-  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)["params"]
-
-
-def load_params(config, workdir: str, s: Setup):
-  """The params of the newest checkpoint in workdir, laid out on the setup's mesh by config.param_sharding.
-
-  Only the params are read (not the optimizer state), so evaluation needs a third of a full restore's
-  memory with Adam, and evaluates runs of any optimizer.
-  """
-  return checkpoints.restore_params(workdir, abstract_params(config, s))
+def _flatten(config: dict) -> dict:
+  return trees.flatten(config, ".", is_leaf=trees.is_not_dict)

@@ -92,10 +92,10 @@ def main(argv):
   del argv
   from absl import flags
 
-  from mixer import checkpoints, cli
+  from mixer import cli, params_io
   cli.setup_logging()
   flags_ = flags.FLAGS
-  params = checkpoints.load_pretrained(flags_.workdir)
+  params = params_io.load(flags_.workdir)
   missing = plot(params, read_scalars(flags_.workdir), flags_.out, flags_.blocks, flags_.units)
   print(f"Wrote {flags_.out}" + "".join(f"\n  no {what}" for what in missing))
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tfds data_dir with the embedded digits prepared once, and small configs."""
+"""Shared fixtures: a tfds data_dir with the embedded digits prepared once, small configs and a small model."""
 
 import contextlib
 import os
@@ -19,11 +19,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data_dir(tmp_path_factory) -> str:
   """A tfds data_dir holding the prepared digits dataset (prepared through our own pipeline)."""
   from configs import default
-  from mixer import input_pipeline
+  from mixer import dataset
   path = str(tmp_path_factory.mktemp("tfds"))
   config = default.get_config()
   config.data_dir = path
-  input_pipeline.get_builder(config)
+  dataset.get_builder(config)
   return path
 
 
@@ -40,6 +40,27 @@ def small_config(data_dir: str, **overrides):
   config.evals.eval.every_steps = 1000
   config.checkpoint_every_steps = 1000
   return override(config, **overrides)
+
+
+def model_and_params(num_classes=10, image_size=16, **kwargs):
+  """A small Mixer (Ti/4 on 16px RGB), its params as numpy with non-trivial values everywhere, and 2 images."""
+  import jax
+
+  from mixer import models
+  model = models.MlpMixer(num_classes=num_classes, **{**models.variant_kwargs("Ti/4"), **kwargs})
+  x = jax.random.normal(jax.random.key(0), (2, image_size, image_size, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  # Non-trivial values everywhere (the head starts at zero).
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+  return model, jax.device_get(params), x
+
+
+def restore_params(config, workdir: str):
+  """(step, params) of the workdir's newest checkpoint on the config's mesh, restored as evaluate.py does."""
+  from mixer import checkpoints, steps, train_lib
+  mesh, _, info = train_lib.setup(config)
+  abstract = steps.abstract_params(train_lib.create_model(config, info), info.image_shape, mesh, config.param_sharding)
+  return checkpoints.restore_params(workdir, abstract)
 
 
 def override(config, **overrides):

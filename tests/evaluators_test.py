@@ -2,11 +2,10 @@
 (the few-shot one: tests/fewshot_test.py)."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from mixer import evaluators, train_lib
+from mixer import evaluators, steps, train_lib
 from tests.conftest import small_config
 
 
@@ -55,13 +54,14 @@ def test_due_every_n_steps_and_at_the_last_never_with_0():
 def test_classification_evaluator_on_a_split_of_the_digits(data_dir):
   config = small_config(data_dir)
   config.evals.train_top1 = ml_collections.ConfigDict(dict(type="classification", split="validation", every_steps=0))
-  s = train_lib.setup(config)
-  params = jax.jit(lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape))["params"])()
+  mesh, builder, info = train_lib.setup(config)
+  model = train_lib.create_model(config, info)
+  params = jax.jit(lambda: steps.init_params(model, info.image_shape, 0))()
   sharding = jax.tree.map(lambda x: x.sharding, params)
   with pytest.raises(ValueError, match=r"config.evals.train_top1.split='validation' is not a split of 'digits'"):
-    evaluators.from_config(config, s, sharding)
+    evaluators.from_config(config, model, mesh, sharding, builder)
   config.evals.train_top1.split = "train[:100]"
-  built = evaluators.from_config(config, s, sharding, names=["train_top1", "eval"])
+  built = evaluators.from_config(config, model, mesh, sharding, builder, names=["train_top1", "eval"])
   assert list(built) == ["eval", "train_top1"]  # config order, which ConfigDict sorts.
   results = built["train_top1"].run(params)
   assert results["split"] == "train[:100]" and results["num_examples"] == 100

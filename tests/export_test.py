@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixer import checkpoints, models
+from mixer import export, models, params_io
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("torch") and importlib.util.find_spec("timm")),
@@ -52,7 +52,7 @@ def _ours(variant, num_classes, image_size, gelu_approximate):
 def _timm_logits(tmp_path, x, params=None, pth=None, name=None, num_classes=10, **kwargs):
   state_dict = str(tmp_path / "state_dict.npz")
   if params is not None:
-    np.savez(state_dict, **checkpoints.to_timm_state_dict(params))
+    np.savez(state_dict, **export.to_timm_state_dict(params))
   np.save(tmp_path / "images.npy", x)
   args = dict(name=name, num_classes=num_classes, kwargs=dict(num_classes=num_classes, **kwargs), pth=pth,
               state_dict=state_dict, images=str(tmp_path / "images.npy"), out=str(tmp_path / "logits.npy"))
@@ -83,7 +83,7 @@ def test_tanh_gelu_weights_in_timm_differ_only_slightly(tmp_path):
 def test_export_command_writes_a_loadable_state_dict(tmp_path):
   model, params, x = _ours("Ti/4", 10, 16, gelu_approximate=False)
   npz = tmp_path / "params.npz"
-  checkpoints.save_npz(params, str(npz))
+  params_io.save_npz(params, str(npz))
   out = tmp_path / "model.pth"
   result = subprocess.run([sys.executable, "-m", "mixer.export", f"--workdir={npz}", f"--out={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

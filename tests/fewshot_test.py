@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mixer import evaluators, preprocess, train_lib
+from mixer import evaluators, preprocess, steps, train_lib
 from mixer.evaluators import fewshot
 from tests.conftest import REPO, small_config
 
@@ -94,9 +93,10 @@ def digits_setup(data_dir):
   """The default config's model at initialisation, with its few-shot evaluator reduced to 2 seeds."""
   config = small_config(data_dir)
   config.evals.fewshot.shots, config.evals.fewshot.seeds = (1, 5, 1000), 2  # no digit has 1000 train images.
-  s = train_lib.setup(config)
-  params = jax.jit(lambda: s.model.init(jax.random.key(0), jnp.zeros((1,) + s.image_shape))["params"])()
-  return config, s, params
+  mesh, builder, info = train_lib.setup(config)
+  model = train_lib.create_model(config, info)
+  params = jax.jit(lambda: steps.init_params(model, info.image_shape, 0))()
+  return config, (model, mesh, builder), params
 
 
 def _images_by_hand(data_dir, split: str):
@@ -109,8 +109,9 @@ def _images_by_hand(data_dir, split: str):
 
 
 def test_evaluator_on_the_digits_is_the_formula_on_the_models_features(data_dir, digits_setup):
-  config, s, params = digits_setup
-  evaluator = evaluators.from_config(config, s, jax.tree.map(lambda x: x.sharding, params), names=["fewshot"])
+  config, (model, mesh, builder), params = digits_setup
+  evaluator = evaluators.from_config(config, model, mesh, jax.tree.map(lambda x: x.sharding, params), builder,
+                                     names=["fewshot"])
   results = evaluator["fewshot"].run(params)
   assert results["skipped"] == {"digits": [1000]}
   train, test = _images_by_hand(data_dir, "train"), _images_by_hand(data_dir, "test")

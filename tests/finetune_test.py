@@ -7,8 +7,8 @@ import jax
 import pytest
 
 from configs import finetune_digits
-from mixer import checkpoints, input_pipeline, steps, train_lib
-from tests.conftest import override, small_config
+from mixer import cli, input_pipeline, params_io, steps, train_lib, transfer
+from tests.conftest import override, restore_params, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,13 @@ def _finetune_config(data_dir, checkpoint, **overrides):
 
 def _untuned_top1(config):
   """Top-1 of the pre-trained features with the new zero head, before any fine-tuning step."""
-  s, pretrained = train_lib.prepare_pretrained(config, train_lib.setup(config))
-  fresh = s.model.init(jax.random.key(0), jax.numpy.zeros((1,) + s.image_shape))["params"]
-  params = train_lib.init_from_pretrained(pretrained, fresh, s.model, True, "test")
-  eval_step = steps.make_eval_step(config, s.model, s.num_classes, jax.tree.map(lambda x: x.sharding, fresh),
-                                       s.mesh)
-  batches = input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh)
+  mesh, builder, info = train_lib.setup(config)
+  config, pretrained = train_lib.load_pretrained(config, info)
+  model = train_lib.create_model(config, info)
+  fresh = steps.init_params(model, info.image_shape, 0)
+  params = transfer.init_from_pretrained(pretrained, fresh, model, True, "test")
+  eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
+  batches = input_pipeline.eval_iterator(config, builder, mesh)
   return steps.evaluate(eval_step, jax.device_put(params), batches)["top1"]
 
 
@@ -53,7 +54,7 @@ def test_finetune_from_our_workdir_beats_the_untuned_head(data_dir, pretrained, 
 
 def test_finetune_from_released_npz_with_scanned_blocks(data_dir, pretrained, tmp_path):
   npz = str(tmp_path / "released.npz")
-  checkpoints.save_npz(checkpoints.load_pretrained(pretrained), npz)
+  params_io.save_npz(params_io.load(pretrained), npz)
   config = _finetune_config(data_dir, npz, **{"model.scan_blocks": True})
   history = train_lib.train_and_evaluate(config, str(tmp_path / "ft"))
   assert history["eval"][-1]["top1"] > 0.85
@@ -64,12 +65,12 @@ def test_finetune_at_twice_the_resolution_widens_token_mixing(data_dir, pretrain
                             pp_eval="decode(channels=1)|resize(32)|value_range(-1, 1)")
   untuned = _untuned_top1(config)
   history = train_lib.train_and_evaluate(config, str(tmp_path))
-  assert config.model.tokens_mlp_dim == 4 * 64  # K^2 D_S for K = 2
+  assert config.model.tokens_mlp_dim is None  # the caller's config is left alone ...
   saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["model"]["tokens_mlp_dim"] == 256
+  assert saved["model"]["tokens_mlp_dim"] == 4 * 64  # ... the run's config.json has K^2 D_S for K = 2.
   assert history["eval"][-1]["top1"] > max(0.85, untuned + 0.4)
   # The workdir evaluates on its own: evaluate.py's path rebuilds the widened model from config.json.
-  step, params = train_lib.load_params(config, str(tmp_path), train_lib.setup(config))
+  step, params = restore_params(cli.load_config(str(tmp_path)), str(tmp_path))
   assert step == 60 and params["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape == (64, 256)
 
 
@@ -97,17 +98,18 @@ def _start_top1(data_dir, checkpoint, random_token_mixing: bool):
   pp = "decode(channels=1)|resize(24)|value_range(-1, 1)"
   config = _finetune_config(data_dir, checkpoint, label_subset="0-4", pp_train=pp, pp_eval=pp,
                             **{"init.token_mixing": "resample", "init.new_head": False})
-  s, pretrained = train_lib.prepare_pretrained(config, train_lib.setup(config))
-  fresh = s.model.init(jax.random.key(0), jax.numpy.zeros((1,) + s.image_shape))["params"]
+  mesh, builder, info = train_lib.setup(config)
+  config, pretrained = train_lib.load_pretrained(config, info)
+  model = train_lib.create_model(config, info)
+  fresh = steps.init_params(model, info.image_shape, 0)
   assert pretrained["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape == (36, 64)  # D_S unchanged
   if random_token_mixing:
     pretrained = {k: {**v, "token_mixing": jax.device_get(fresh[k]["token_mixing"])} if k.startswith("MixerBlock_")
                   else v for k, v in pretrained.items()}
-  params = train_lib.init_from_pretrained(pretrained, fresh, s.model, False, checkpoint)
-  eval_step = steps.make_eval_step(config, s.model, s.num_classes, jax.tree.map(lambda x: x.sharding, fresh),
-                                   s.mesh)
+  params = transfer.init_from_pretrained(pretrained, fresh, model, False, checkpoint)
+  eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
   return steps.evaluate(eval_step, jax.device_put(params),
-                        input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh))["top1"]
+                        input_pipeline.eval_iterator(config, builder, mesh))["top1"]
 
 
 def test_resampled_token_mixing_starts_far_above_a_random_one(data_dir, pretrained_32px):

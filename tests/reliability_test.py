@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer import checkpoints, sharding, train_lib
-from tests.conftest import REPO, override, small_config
+from mixer import checkpoints, params_io, train_lib, trees, workdir_lock
+from tests.conftest import REPO, override, restore_params, small_config
 
 # Random everywhere a resumed run could diverge: augmentation, dropout, stochastic depth, mixup.
 RANDOM_RUN = ["--config.pp_train=decode(channels=1)|resize(20)|inception_crop(16)|flip_lr|value_range(-1, 1)",
@@ -37,7 +37,7 @@ def _finish(process, timeout=600):
 
 
 def _params(workdir):
-  step, params = checkpoints.load_orbax_params(workdir)
+  step, params = checkpoints.restore_params(workdir)
   return step, jax.tree.leaves(params)
 
 
@@ -114,8 +114,7 @@ def test_non_finite_updates_can_be_skipped(data_dir, tmp_path):
   manager.close()
   # The learning-rate schedule's step count advanced with every step; Adam's (bias correction) only with
   # the 2 updates it made, like its moments.
-  leaves = {sharding.path_string(path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state_8["opt_state"])[0]}
+  leaves = trees.flatten(state_8["opt_state"])
   counts = {path.removesuffix("count"): int(leaf) for path, leaf in leaves.items() if path.endswith("/count")}
   adam = {parent for parent in counts if any(path.startswith(parent + "mu/") for path in leaves)}
   assert len(adam) == 1 and len(counts) >= 2
@@ -218,7 +217,7 @@ def test_damaged_newest_checkpoints_are_moved_aside_and_the_newest_intact_one_re
   workdir, config = copy_workdir(trained_workdir, tmp_path)
   _damage_newest_checkpoints(workdir)
   with caplog.at_level("WARNING"):
-    step, params = train_lib.load_params(config, str(workdir), train_lib.setup(config))  # evaluate.py's way
+    step, params = restore_params(config, str(workdir))  # evaluate.py's way
   assert step == 2 and jax.tree.leaves(params)
   for bad in ("6", "5", "4", "3"):
     assert f"Checkpoint {workdir / 'checkpoints' / bad} is damaged" in caplog.text
@@ -289,7 +288,7 @@ def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, capl
   try:
     _wait_for(log, "[3] train/", process)
     config = small_config(data_dir, total_steps=4, warmup_steps=1)
-    with pytest.raises(checkpoints.WorkdirLockedError,
+    with pytest.raises(workdir_lock.WorkdirLockedError,
                        match=rf"in use by another trainer: host {socket.gethostname()}, pid {process.pid}"):
       train_lib.train_and_evaluate(config, str(workdir))  # a second trainer, while the first one runs.
     assert json.loads((workdir / "train.lock").read_text())["pid"] == process.pid  # the holder's lock kept
@@ -364,8 +363,8 @@ def test_bad_config_values_and_files_are_named(data_dir, tmp_path):
       train_lib.validate_config(small_config(data_dir, **{key: value}), 1, 1)
   config = small_config(data_dir, **{"init.checkpoint": str(tmp_path / "missing")})
   with pytest.raises(FileNotFoundError, match=r"config.init.checkpoint='.*missing': .*missing does not exist"):
-    train_lib.prepare_pretrained(config, train_lib.setup(config))
+    train_lib.load_pretrained(config, train_lib.setup(config)[2])
   notes = tmp_path / "notes.txt"
   notes.write_text("not parameters")
   with pytest.raises(ValueError, match=r"notes.txt is not a readable .npz of parameters"):
-    checkpoints.load_pretrained(str(notes))
+    params_io.load(str(notes))

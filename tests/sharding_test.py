@@ -87,9 +87,9 @@ for name, mesh, rules in [("dp", {"data": 8, "model": 1}, "replicated"), ("fsdp"
                           ("fsdp_tensor", {"data": 4, "model": 2}, "fsdp_tensor")]:
   config = small_config(%(data_dir)r, total_steps=8, param_sharding=rules, mesh=mesh)
   history = train_lib.train_and_evaluate(config, %(workdir)r + "/" + name)
-  s = train_lib.setup(config)
+  mesh, _, info = train_lib.setup(config)
   tx = optim.create_optimizer(config, optim.create_schedule(config, 8))
-  state, _ = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, 0, rules)
+  state, _ = steps.create_train_state(train_lib.create_model(config, info), tx, info.image_shape, mesh, 0, rules)
   kernel = state.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
   mu = state.opt_state[1][0].mu["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
   out[name] = {"loss": [t["loss"] for t in history["train"]], "top1": history["eval"][-1]["top1"],

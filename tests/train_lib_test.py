@@ -9,18 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer import checkpoints, input_pipeline, models, optim, steps, train_lib
-from tests.conftest import run_python, small_config
+from mixer import input_pipeline, models, optim, steps, train_lib, trees
+from tests.conftest import restore_params, run_python, small_config
 
 
 def _step_fixture(config):
-  s = train_lib.setup(config)
+  mesh, builder, info = train_lib.setup(config)
+  model = train_lib.create_model(config, info)
   schedule = optim.create_schedule(config, 100)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = steps.create_train_state(s.model, tx, s.image_shape, s.mesh, config.seed,
-                                                       config.param_sharding)
-  step = steps.make_train_step(config, s.model, tx, schedule, s.num_classes, state_sharding, s.mesh)
-  batch = next(input_pipeline.train_iterator(config, s.builder, s.info, s.mesh))
+  state, state_sharding = steps.create_train_state(model, tx, info.image_shape, mesh, config.seed,
+                                                   config.param_sharding)
+  step = steps.make_train_step(config, model, tx, schedule, model.num_classes, state_sharding, mesh)
+  batch = next(input_pipeline.train_iterator(config, builder, info, mesh))
   return state, step, batch
 
 
@@ -122,11 +123,10 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   resumed = train_lib.train_and_evaluate(config, workdir)
   assert [t["step"] for t in resumed["train"]] == [35, 40]
   assert resumed["final_step"] == 40
-  s = train_lib.setup(config)
-  step, params = train_lib.load_params(config, workdir, s)
+  step, params = restore_params(config, workdir)
   assert step == 40
   config.optim.name = "sgd"  # only the params are read: the run's optimizer state does not matter.
-  step, sgd_params = train_lib.load_params(config, workdir, train_lib.setup(config))
+  step, sgd_params = restore_params(config, workdir)
   assert step == 40 and jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, sgd_params))
   config.optim.name = "adam"
 
@@ -205,10 +205,10 @@ def test_batch_not_divisible_by_devices_fails_at_start(data_dir, tmp_path):
 def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
   config = small_config("unused")
   params = models.create_model(config.model, 10).init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
-  decayed = {k for k, v in checkpoints.flatten(optim.decay_mask(params)).items() if v}
+  decayed = {k for k, v in trees.flatten(optim.decay_mask(params)).items() if v}
   assert decayed and all(k.endswith("/kernel") for k in decayed)
   assert "MixerBlock_0/token_mixing/Dense_0/kernel" in decayed and "MixerBlock_0/LayerNorm_0/scale" not in decayed
   # Stacked blocks ([blocks, ...] leaves, so biases and scales are 2-D): the same parameters decay.
-  scanned = checkpoints.flatten(optim.decay_mask(models.stack_blocks(params)))
+  scanned = trees.flatten(optim.decay_mask(models.stack_blocks(params)))
   assert {k.removeprefix("MixerBlocks/block/") for k, v in scanned.items() if v and k.startswith("MixerBlocks")} == {
       k.removeprefix("MixerBlock_0/") for k in decayed if k.startswith("MixerBlock_0/")}

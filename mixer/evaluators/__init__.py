@@ -5,10 +5,10 @@ An entry's name is its TensorBoard prefix (eval/top1) and its key in the trainin
 evaluate.py's JSON; `type` names a module here; `every_steps` runs it every N training steps and at the
 last (0: only from evaluate.py); the other keys are the type's own (its module's KEYS).
 
-Each type's Evaluator is built from (name, its config entry, the whole config, a train_lib.Setup, the
-params' sharding) and has run(params) -> results (JSON-able), scalars(results) -> {metric: float}
-(written as NAME/metric), summary(results, step) -> the text evaluate.py prints, and file_tag() -> what
-names its results in evaluate.py's JSON file name.
+Each type's Evaluator is built from (name, its config entry, the whole config, the model, the mesh, the
+params' sharding, the dataset's tfds builder) and has run(params) -> results (JSON-able),
+scalars(results) -> {metric: float} (written as NAME/metric), summary(results, step) -> the text
+evaluate.py prints, and file_tag() -> what names its results in evaluate.py's JSON file name.
 """
 
 from typing import Any, Protocol
@@ -60,10 +60,12 @@ def validate(config) -> None:
     TYPES[kind].validate(settings, where)
 
 
-def from_config(config, s, params_sharding, names=None, progress: bool = False) -> dict[str, Evaluator]:
-  """The evaluators of config.evals (only `names` when given, in config order) for the setup's model and mesh."""
+def from_config(config, model, mesh, params_sharding, builder, names=None, progress: bool = False
+                ) -> dict[str, Evaluator]:
+  """The evaluators of config.evals (only `names` when given, in config order) for the model on the mesh."""
   validate(config)
-  return {name: TYPES[settings.type].Evaluator(name, settings, config, s, params_sharding, progress=progress)
+  return {name: TYPES[settings.type].Evaluator(name, settings, config, model, mesh, params_sharding, builder,
+                                               progress=progress)
           for name, settings in config.evals.items() if names is None or name in names}
 
 

@@ -15,19 +15,19 @@ def validate(settings, where: str) -> None:
 
 
 class Evaluator:
-  """Top-1 on settings.split; the model's logits come from the setup's model on its mesh."""
+  """Top-1 on settings.split, of the model's logits on the mesh."""
 
-  def __init__(self, name: str, settings, config, s, params_sharding, progress: bool = False):
+  def __init__(self, name: str, settings, config, model, mesh, params_sharding, builder, progress: bool = False):
     del progress  # one jitted step per batch: fast enough without a progress bar.
     self.split, self.every_steps = settings.split, settings.every_steps
     self.dataset, self.sync_every = config.dataset, config.sync_every_steps
     try:
-      s.builder.info.splits[self.split]
+      builder.info.splits[self.split]
     except (KeyError, ValueError) as e:
       raise ValueError(f"config.evals.{name}.split={self.split!r} is not a split of {config.dataset!r} "
-                       f"({', '.join(s.builder.info.splits)}): {e}") from None
-    self._eval_step = steps.make_eval_step(config, s.model, s.num_classes, params_sharding, s.mesh)
-    self._batches = lambda: input_pipeline.eval_iterator(config, s.builder, s.info, s.mesh, self.split)
+                       f"({', '.join(builder.info.splits)}): {e}") from None
+    self._eval_step = steps.make_eval_step(config, model, model.num_classes, params_sharding, mesh)
+    self._batches = lambda: input_pipeline.eval_iterator(config, builder, mesh, self.split)
 
   def run(self, params) -> dict:
     """{"split", "top1", "loss", "num_examples"}."""

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mixer import input_pipeline
+from mixer import dataset, input_pipeline
 
 KEYS = ("datasets", "shots", "seeds", "l2_reg", "pp", "batch_size")
 BIAS = 100.0  # big_vision's bias feature: large, so that l2_reg barely shrinks the bias weights.
@@ -114,10 +114,11 @@ def make_features_fn(model, params_sharding, mesh):
 class Evaluator:
   """Few-shot top-1 per dataset and shot count, averaged over seeds, from the model's pre-logit features."""
 
-  def __init__(self, name: str, settings, config, s, params_sharding, progress: bool = False):
+  def __init__(self, name: str, settings, config, model, mesh, params_sharding, builder, progress: bool = False):
+    del builder  # its own datasets: settings.datasets.
     self.name, self.settings, self.every_steps = name, settings, settings.every_steps
-    self.data_dir, self.mesh, self.progress = config.data_dir, s.mesh, progress
-    self.features_fn = make_features_fn(s.model, params_sharding, s.mesh)
+    self.data_dir, self.mesh, self.progress = config.data_dir, mesh, progress
+    self.features_fn = make_features_fn(model, params_sharding, mesh)
 
   def run(self, params) -> dict:
     """{"mean": {dataset: {shots: mean top-1}}, "seeds": {dataset: {shots: [per seed]}}, "skipped": {dataset:
@@ -125,7 +126,7 @@ class Evaluator:
     settings = self.settings
     means, per_seed, skipped = {}, {}, {}
     for name, (tfds_name, train_split, test_split) in settings.datasets.items():
-      builder = input_pipeline.get_builder(_dataset_config(tfds_name, self.data_dir))  # embedded ones prepare here.
+      builder = dataset.get_builder(_dataset_config(tfds_name, self.data_dir))  # embedded ones prepare here.
       num_classes = builder.info.features["label"].num_classes
       labels = input_pipeline.read_labels(builder, train_split)
       # A shot count that some class cannot supply (Flowers-102 has 10 train images per class) is left out

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from configs import default
-from mixer import input_pipeline, models, optim, sharding, steps
+from mixer import dataset, input_pipeline, models, optim, sharding, steps
 
 _PP = "decode(channels=1)|resize(16)|{}value_range(-1, 1)"
 PERMUTATIONS = {"original": "", "patch + pixel shuffle": "patch_shuffle(4)|", "global shuffle": "pixel_shuffle()|"}
@@ -41,8 +41,8 @@ def run(model_name: str, permutation: str, num_steps: int, eval_every: int, data
   config.pp_train = config.pp_eval = _PP.format(PERMUTATIONS[permutation])
   config.total_steps, config.warmup_steps = num_steps, max(1, num_steps // 20)
   mesh = sharding.create_mesh(config.mesh)
-  builder = input_pipeline.get_builder(config)
-  info = input_pipeline.get_info(config, builder)
+  builder = dataset.get_builder(config)
+  info = dataset.get_info(config, builder)
   model = models.create_model(config.model, info.num_classes) if model_name == "Mixer" else SmallCNN(info.num_classes)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
@@ -54,7 +54,7 @@ def run(model_name: str, permutation: str, num_steps: int, eval_every: int, data
   for step in range(1, num_steps + 1):
     state, metrics = train_step(state, next(batches), jax.random.key(0))
     if step % eval_every == 0 or step == num_steps:
-      top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, info, mesh))["top1"]
+      top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, mesh))["top1"]
       curve.append((step, top1))
       logging.info("%s, %s, step %d: test top-1 %.4f", model_name, permutation, step, top1)
     elif step % config.sync_every_steps == 0:

@@ -1,0 +1,178 @@
+"""The dataset a config names: its tfds builder, prepared, the examples each process reads of it, and the
+facts a run needs (classes, example counts, image shape, label subset, the train split's first N%)."""
+
+import contextlib
+import dataclasses
+import io
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mixer import datasets, preprocess
+from mixer.datasets import folder
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int  # after config.label_subset.
+  num_train_examples: int
+  num_eval_examples: int
+  min_local_train_examples: int  # the fewest train examples any process reads: sets steps per epoch.
+  image_shape: tuple[int, ...]  # after the preprocessing: the model's input shape.
+
+
+def label_subset(config) -> list[int] | None:
+  """config.label_subset ("5-9" or "0,2,4"; "" for all) as the kept class ids, in new-label order."""
+  spec = config.label_subset.strip()
+  if not spec:
+    return None
+  try:
+    if "-" in spec:
+      first, last = (int(x) for x in spec.split("-"))
+      return list(range(first, last + 1))
+    return [int(x) for x in spec.split(",")]
+  except ValueError:
+    raise ValueError(f"config.label_subset={config.label_subset!r} is not FIRST-LAST or a,b,c") from None
+
+
+def get_builder(config) -> tfds.core.DatasetBuilder:
+  """The tfds builder of config.dataset, prepared: embedded datasets are built on first use."""
+  def make():
+    if folder.is_folder(config.dataset):
+      return folder.builder(config.dataset, config.data_dir, config.get("bad_images", "fail"))
+    return tfds.builder(config.dataset, data_dir=config.data_dir)
+  try:
+    builder = make()
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset: {e}") from None
+  if config.dataset in datasets.EMBEDDED or folder.is_folder(config.dataset):
+    # Every process takes the same path (one sync), whichever of them already sees the data.
+    if jax.process_index() == 0 and not builder.is_prepared():
+      logging.info("Preparing %s in %s (once)", config.dataset, builder.data_dir)
+      quiet = logging.get_verbosity() < logging.DEBUG  # tfds prints "Downloading..." for data it does not download.
+      with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        builder.download_and_prepare()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"prepare {config.dataset}")
+    builder = make()
+    if not builder.is_prepared():  # process 0 prepared it in a data_dir that this process does not see.
+      raise FileNotFoundError(
+          f"config.dataset={config.dataset!r}: process 0 prepared it in data_dir={builder.data_dir!r}, which "
+          f"process {jax.process_index()} does not see; set --config.data_dir to a directory all hosts share")
+  elif not builder.is_prepared():
+    raise FileNotFoundError(
+        f"config.dataset={config.dataset!r} is not prepared in data_dir={builder.data_dir!r}. "
+        f"Prepare it once with `tfds build {config.dataset} --data_dir=DIR` (ImageNet needs its "
+        f"archives in DIR/downloads/manual first) and pass --config.data_dir=DIR.")
+  return builder
+
+
+def train_split(config) -> str:
+  """config.train_split, cut to its first config.train_percent % (the paper's 3/10/30/100% subsets)."""
+  percent = config.train_percent
+  if not 0 < percent <= 100 or int(percent) != percent:
+    raise ValueError(f"config.train_percent={percent} is not a whole number in 1..100")
+  return config.train_split if percent == 100 else f"{config.train_split}[:{int(percent)}%]"
+
+
+def _label_feature(config, builder):
+  features = builder.info.features
+  if config.label_key not in features:
+    raise ValueError(f"config.label_key={config.label_key!r} is not a feature of {config.dataset!r} "
+                     f"({', '.join(features)})")
+  feature = features[config.label_key]
+  multi = isinstance(feature, tfds.features.Sequence)
+  return (feature.feature if multi else feature), multi
+
+
+def is_multilabel(config, builder) -> bool:
+  """A Sequence of labels per image (JFT-style): batches carry them padded with -1."""
+  return _label_feature(config, builder)[1]
+
+
+def held_out_split(config) -> tuple[str, str] | None:
+  """(its config key, the split) of config.evals' first classification evaluator: the held-out split
+  that DatasetInfo counts and eval_iterator reads by default; None without such an evaluator."""
+  for name, settings in config.evals.items():
+    if settings.get("type") == "classification":
+      return f"evals.{name}.split", settings.split
+  return None
+
+
+def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
+  held_out = held_out_split(config)
+  splits = {"train_split": train_split(config)}
+  if held_out:
+    splits[held_out[0]] = held_out[1]
+  for key, split in splits.items():
+    try:
+      builder.info.splits[split]
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"config.{key}={split!r} is not a split of {config.dataset!r} "
+                       f"({', '.join(builder.info.splits)}): {e}") from None
+  subset = label_subset(config)
+  num_classes = _label_feature(config, builder)[0].num_classes
+  if subset is not None:
+    if is_multilabel(config, builder) or not all(0 <= c < num_classes for c in subset):
+      raise ValueError(f"config.label_subset={config.label_subset!r} needs single labels in 0..{num_classes - 1}")
+    num_classes = len(subset)
+  train_counts = local_counts(config, builder, splits["train_split"])
+  return DatasetInfo(num_classes=num_classes, num_train_examples=sum(train_counts),
+                     num_eval_examples=sum(local_counts(config, builder, held_out[1])) if held_out else 0,
+                     min_local_train_examples=min(train_counts), image_shape=image_shape(config, builder))
+
+
+def local_counts(config, builder, split: str) -> list[int]:
+  """How many examples of `split` each process reads (after config.label_subset)."""
+  count = jax.process_count()
+  subset = label_subset(config)
+  if subset is None:  # tfds's even split: the first n % count processes read one more.
+    n = builder.info.splits[split].num_examples
+    return [n // count + (i < n % count) for i in range(count)]
+  counts = []
+  for i in range(count):  # counted by reading the labels: meant for small datasets.
+    ds = keep_label_subset(config, read(builder, split, process=(i, count)))
+    counts.append(int(ds.reduce(0, lambda n, _: n + 1)))
+  return counts
+
+
+def image_shape(config, builder) -> tuple[int, ...]:
+  """The shape of one image after the eval preprocessing: the model's input shape (the training
+  preprocessing must give the same)."""
+  split = (held_out_split(config) or (None, train_split(config)))[1]
+  example = next(iter(read(builder, split, autocache=False).take(1)))
+  shape = tuple(preprocess.get_preprocess_fn(config.pp_eval)({"image": example["image"]})["image"].shape)
+  # The training pipeline's static output shape, traced (not run: its decode may take JPEG only).
+  traced = tf.data.Dataset.from_tensors({"image": example["image"], "rng": tf.constant([0, 0], tf.int64)})
+  train = traced.map(preprocess.get_preprocess_fn(config.pp_train)).element_spec["image"].shape
+  if not train.is_compatible_with(shape):
+    raise ValueError(f"config.pp_train gives images of shape {tuple(train)}, config.pp_eval "
+                     f"{shape}: the model takes one shape")
+  return shape
+
+
+def read(builder, split: str, shuffle_seed=None, autocache: bool = True, process=None) -> tf.data.Dataset:
+  """This process's share of `split` (or process (index, count)'s), images left encoded so that crops can
+  decode less."""
+  index, count = process or (jax.process_index(), jax.process_count())
+  local_split = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
+                                try_autocache=autocache)
+  return builder.as_dataset(split=local_split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def keep_label_subset(config, ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Keeps the examples of config.label_subset's classes, relabelled 0..len(subset)-1."""
+  subset = label_subset(config)
+  if subset is None:
+    return ds
+  kept = tf.constant(subset, tf.int64)
+
+  def relabel(example):
+    return {**example, config.label_key: tf.argmax(tf.cast(tf.equal(kept, example[config.label_key]), tf.int32),
+                                                   output_type=tf.int64)}
+  return ds.filter(lambda ex: tf.reduce_any(tf.equal(kept, ex[config.label_key]))).map(relabel)
