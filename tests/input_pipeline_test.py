@@ -27,7 +27,7 @@ def test_eval_covers_the_split_exactly_once(data_dir, mesh):
   builder, info = _setup(config)
   labels = collections.Counter()
   num_batches = 0
-  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
+  for batch in input_pipeline.eval_iterator(config, builder, mesh):
     mask = np.asarray(batch["mask"]).astype(bool)
     assert batch["image"].shape == (64, 16, 16, 1)
     labels.update(np.asarray(batch["label"])[mask].tolist())
@@ -107,7 +107,7 @@ def test_imagenet2012_config_on_mock_data(tmp_path, mesh):
       image = np.asarray(batch["image"])
       assert -1.0 <= image.min() and image.max() <= 1.0
       assert np.all((0 <= np.asarray(batch["label"])) & (np.asarray(batch["label"]) < 1000))
-    masks = [float(b["mask"].sum()) for b in input_pipeline.eval_iterator(config, builder, info, mesh)]
+    masks = [float(b["mask"].sum()) for b in input_pipeline.eval_iterator(config, builder, mesh)]
     assert masks == [16.0, 8.0]
 
 
@@ -122,7 +122,7 @@ def test_folder_dataset_names_a_corrupt_image_and_skips_it_on_request(digits_fol
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 320, 80)
   assert dataset.image_shape(config, builder) == (16, 16, 1)  # the default pp on 32px RGB PNGs
   labels = collections.Counter()
-  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
+  for batch in input_pipeline.eval_iterator(config, builder, mesh):
     labels.update(np.asarray(batch["label"])[np.asarray(batch["mask"]) > 0].tolist())
   assert labels == {c: 8 for c in range(10)}
   assert _setup(config)[0].data_dir == builder.data_dir  # prepared once per version of the folder
@@ -134,7 +134,7 @@ def test_label_subset_of_listed_classes_relabels_them_in_listed_order(data_dir, 
   stored = collections.Counter(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split="test")))
   assert info.num_classes == 3 and info.num_eval_examples == stored[7] + stored[2] + stored[4]
   labels = collections.Counter()
-  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
+  for batch in input_pipeline.eval_iterator(config, builder, mesh):
     labels.update(np.asarray(batch["label"])[np.asarray(batch["mask"]) > 0].tolist())
   assert labels == {0: stored[7], 1: stored[2], 2: stored[4]}
 

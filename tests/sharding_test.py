@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from mixer import sharding
+from mixer import sharding, trees
 from tests.conftest import run_python
 
 
@@ -49,7 +49,7 @@ def test_presets_and_explicit_rules_lay_out_each_parameter(param_sharding, expec
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 16, 16, 1)))["params"])
   mesh = jax.make_mesh((1, 1), sharding.AXES, devices=jax.devices()[:1])
   shardings = sharding.tree_shardings(shapes, mesh, sharding.parse_rules(param_sharding))
-  specs = {sharding.path_string(keys): tuple(s.spec) for keys, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  specs = {trees.path_string(keys): tuple(s.spec) for keys, s in jax.tree_util.tree_leaves_with_path(shardings)}
   block = {path.split("/", 1)[1]: spec for path, spec in specs.items() if path.startswith("MixerBlock_2/")}
   assert len(block) == 12
   for path, spec in block.items():

@@ -210,5 +210,5 @@ def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
   assert "MixerBlock_0/token_mixing/Dense_0/kernel" in decayed and "MixerBlock_0/LayerNorm_0/scale" not in decayed
   # Stacked blocks ([blocks, ...] leaves, so biases and scales are 2-D): the same parameters decay.
   scanned = trees.flatten(optim.decay_mask(models.stack_blocks(params)))
-  assert {k.removeprefix("MixerBlocks/block/") for k, v in scanned.items() if v and k.startswith("MixerBlocks")} == {
+  assert {k.removeprefix("MixerBlocks/") for k, v in scanned.items() if v and k.startswith("MixerBlocks")} == {
       k.removeprefix("MixerBlock_0/") for k in decayed if k.startswith("MixerBlock_0/")}
