@@ -30,5 +30,5 @@ fi
 run throughput python benchmarks/throughput.py --device "$device" "${args[@]}" --json "$out/throughput.json"
 run throughput_cublas env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   python benchmarks/throughput.py --device "$device" "${args[@]}" --no_timm --json "$out/throughput_cublas.json"
-run step_profile python benchmarks/step_profile.py --device "$device" "${args[@]}" --steps 5 \
+run step_profile python tools/step_profile.py --device "$device" "${args[@]}" --steps 5 \
   --trace_dir "$out/trace" --json "$out/step_profile.json"

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
-  """The step's shape and timing flags (benchmarks/step_profile.py adds its own to these)."""
+  """The step's shape and timing flags (tools/step_profile.py adds its own to these)."""
   parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--variant", default="B/16")
   parser.add_argument("--resolution", type=int, default=224)

@@ -35,7 +35,8 @@ def test_throughput_benchmark_prints_ours_timm_and_the_ratio(tmp_path):
   assert ours["train"]["images_per_s"] > 0 and ours["inference"]["images_per_s"] > ours["train"]["images_per_s"]
   assert ours["train"]["step_ms_min"] <= ours["train"]["step_ms_median"] <= ours["train"]["step_ms_max"]
   # The architecture's FLOPs agree with XLA's count of the compiled forward pass (CPU: no library calls).
-  assert ours["xla_flops_per_image_forward"] == pytest.approx(ours["flops_per_image_forward"], rel=0.1)
+  # XLA also counts the elementwise ops (LayerNorm, gelu, residuals): 2.8% more at Ti/4, 32px; B/16 at 224px 1%.
+  assert 1.0 <= ours["xla_flops_per_image_forward"] / ours["flops_per_image_forward"] <= 1.04
   assert 0 < ours["mfu_train"] < 1.5 and ours["peak_tflops_measured"] > 0
   if "error" not in result["timm"]:  # timm is a test requirement; without it the ratio is absent.
     assert result["ratio_ours_over_timm"]["train"] > 0
@@ -52,33 +53,3 @@ def test_input_pipeline_benchmark_reports_cores_to_feed(tmp_path):
   for r in rows:
     assert r["images_per_s_1_core"] > 0
     assert r["cores_to_feed"] == pytest.approx(1000 / r["images_per_s_1_core"])
-
-
-def test_profile_benchmark_splits_the_step_by_op_kind_and_model_part(tmp_path):
-  out = subprocess.run([sys.executable, "benchmarks/step_profile.py", "--variant", "Ti/4", "--resolution", "32",
-                        "--batch", "8", "--device", "cpu", "--steps", "2", "--trace_dir", str(tmp_path / "trace"),
-                        "--json", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads((tmp_path / "p.json").read_text())
-  assert result["by_category"]["matmul"]["ms_per_step"] > 0
-  for part in ("token_mixing", "channel_mixing"):
-    assert {f"{part} forward", f"{part} backward"} <= set(result["by_model_part"])
-  assert sum(row["share"] for row in result["by_category"].values()) == pytest.approx(1.0)
-  # Every traced op was matched to an instruction of the compiled step and timed.
-  assert 0 < result["busy_ms_per_step"] <= result["op_ms_per_step"] + 1e-6
-  assert result["top_ops"] and all(op["ms_per_step"] > 0 for op in result["top_ops"])
-  assert any(op["model_part"].startswith("channel_mixing") for op in result["top_ops"])
-
-
-def test_compiled_cost_counts_the_architectures_matmul_flops(tmp_path):
-  out = subprocess.run([sys.executable, "benchmarks/compiled_cost.py", "--variant", "Ti/4", "--resolution", "32",
-                        "--batch", "8", "--target", "cpu", "--json", str(tmp_path / "c.json")],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads((tmp_path / "c.json").read_text())
-  # Forward + backward matmuls = 3x the forward FLOPs (the stem is a convolution, with no input gradient).
-  assert result["matmul_tflop_per_step"] == pytest.approx(result["architecture_tflop_per_step"], rel=0.05)
-  # 4 blocks x 2 MLPs x 2 Dense x (forward, input gradient, kernel gradient).
-  assert result["by_category"]["matmul"]["kernels"] >= 3 * 2 * 2 * 4
-  assert result["non_matmul_gbytes_per_step"] > 0
-  assert 0 < result["roofline"]["mfu_bound"] <= 1

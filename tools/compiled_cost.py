@@ -1,7 +1,7 @@
 """What the compiled train step does, kernel by kernel, for a GPU we may not have: counts, bytes, matmul FLOPs.
 
-  python benchmarks/compiled_cost.py --variant B/16 --batch 256 --target h200   # no GPU needed (see below)
-  python benchmarks/compiled_cost.py --variant S/16 --batch 8 --target cpu
+  python tools/compiled_cost.py --variant B/16 --batch 256 --target h200   # no GPU needed (see below)
+  python tools/compiled_cost.py --variant S/16 --batch 8 --target cpu
 
 Compiles the same train step as throughput.py ahead of time and reads the optimized HLO: how many
 kernels of each kind it launches (matmuls, transposes, fusions), the bytes each non-matmul kernel reads
@@ -17,9 +17,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hlo  # noqa: E402  (sibling modules: HLO reading, and the same step and arguments)
-import throughput  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "benchmarks")]
+import hlo  # noqa: E402  (HLO reading, beside this file)
+import throughput  # noqa: E402  (benchmarks/throughput.py: the same step and arguments)
 
 # Device descriptions for deviceless compilation (xla GpuTargetConfig text), and the roofline numbers:
 # peak = the bf16 matmul rate throughput.py measured on the H200 (781 TFLOP/s; the H100 has the same

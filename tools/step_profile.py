@@ -1,7 +1,7 @@
 """Where the train step's time goes: a device trace of our jitted step, summed per XLA op and per model part.
 
-  python benchmarks/step_profile.py --variant S/16 --batch 8 --device cpu
-  python benchmarks/step_profile.py --variant B/16 --batch 256 --device gpu --json b16_profile.json
+  python tools/step_profile.py --variant S/16 --batch 8 --device cpu
+  python tools/step_profile.py --variant B/16 --batch 256 --device gpu --json b16_profile.json
 
 Builds the same train step as throughput.py, traces --steps steps with jax.profiler (the raw trace stays
 in --trace_dir for Perfetto or TensorBoard), and matches each traced op to the compiled HLO. Prints one
@@ -22,9 +22,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hlo  # noqa: E402  (sibling modules: HLO reading, and the same step and arguments)
-import throughput  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "benchmarks")]
+import hlo  # noqa: E402  (HLO reading, beside this file)
+import throughput  # noqa: E402  (benchmarks/throughput.py: the same step and arguments)
 
 _MODEL_PARTS = ("token_mixing", "channel_mixing", "LayerNorm", "pre_head_layer_norm", "stem", "head")
 
