@@ -27,6 +27,29 @@ def data_dir(tmp_path_factory) -> str:
   return path
 
 
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory) -> tuple[str, dict]:
+  """(workdir, history as JSON) of the default config trained for 100 steps, with top-1 and few-shot logged at
+  steps 50 and 100: the trained workdir that the few-shot, visualize and export tests read. Trained once per
+  session, also across pytest-xdist workers (they share the parent of their base temporary directories)."""
+  import json
+
+  import filelock
+
+  from mixer import train_lib
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  workdir = root / "trained_run"
+  with filelock.FileLock(str(root / "trained_run.lock")):
+    if not (root / "trained_run.json").exists():
+      config = small_config(data_dir, total_steps=100, batch_size=64, warmup_steps=10, log_every_steps=10,
+                            **{"evals.eval.every_steps": 50, "evals.fewshot.every_steps": 50})
+      history = train_lib.train_and_evaluate(config, str(workdir))
+      (root / "trained_run.json").write_text(json.dumps(history))
+  return str(workdir), json.loads((root / "trained_run.json").read_text())
+
+
 def small_config(data_dir: str, **overrides):
   """The default config, shortened for tests."""
   from configs import default

@@ -80,13 +80,14 @@ def test_tanh_gelu_weights_in_timm_differ_only_slightly(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_command_writes_a_loadable_state_dict(tmp_path):
-  model, params, x = _ours("Ti/4", 10, 16, gelu_approximate=False)
-  npz = tmp_path / "params.npz"
-  params_io.save_npz(params, str(npz))
+def test_export_command_on_a_trained_workdir_gives_its_logits_in_timm(trained_run, tmp_path):
+  workdir, _ = trained_run  # the default config: Ti/4 on 16x16 grey digits, 10 classes, tanh gelu.
   out = tmp_path / "model.pth"
-  result = subprocess.run([sys.executable, "-m", "mixer.export", f"--workdir={npz}", f"--out={out}"],
+  result = subprocess.run([sys.executable, "-m", "mixer.export", f"--workdir={workdir}", f"--out={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  theirs = _timm_logits(tmp_path, x, pth=str(out), **_TINY)
-  np.testing.assert_allclose(theirs, model.apply({"params": params}, x), rtol=1e-4, atol=1e-4)
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+  exact_gelu = models.MlpMixer(num_classes=10, gelu_approximate=False, **models.variant_kwargs("Ti/4"))
+  ours = exact_gelu.apply({"params": params_io.load(workdir)}, x)
+  theirs = _timm_logits(tmp_path, x, pth=str(out), in_chans=1, **_TINY)
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)

@@ -153,12 +153,10 @@ def _five_shot(args):
 
 
 @pytest.mark.slow
-def test_trained_features_beat_random_ones_by_a_wide_margin(data_dir, tmp_path):
-  config = small_config(data_dir, total_steps=100, batch_size=64, warmup_steps=10, log_every_steps=10)
-  config.evals.fewshot.every_steps = 50  # also the periodic evaluator during training
-  history = train_lib.train_and_evaluate(config, str(tmp_path))
-  assert [f["step"] for f in history["fewshot"]] == [50, 100]
-  trained = _five_shot([f"--workdir={tmp_path}", "--fewshot", "--notop1"])
-  random = _five_shot([f"--workdir={tmp_path}", "--fewshot", "--notop1", "--random_init"])
-  assert trained == pytest.approx(100 * history["fewshot"][-1]["mean"]["digits"][5], abs=0.005)
+def test_trained_features_beat_random_ones_by_a_wide_margin(trained_run):
+  workdir, history = trained_run
+  assert [f["step"] for f in history["fewshot"]] == [50, 100]  # the periodic evaluator during training
+  trained = _five_shot([f"--workdir={workdir}", "--fewshot", "--notop1"])
+  random = _five_shot([f"--workdir={workdir}", "--fewshot", "--notop1", "--random_init"])
+  assert trained == pytest.approx(100 * history["fewshot"][-1]["mean"]["digits"]["5"], abs=0.005)
   assert trained > random + 10  # the README's table: the default run against random initialisation

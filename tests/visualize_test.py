@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from mixer import train_lib, visualize
-from tests.conftest import REPO, small_config
+from mixer import visualize
+from tests.conftest import REPO
 
 
 def test_weight_mosaic_tiles_each_unit_as_its_token_grid():
@@ -20,15 +20,15 @@ def test_weight_mosaic_tiles_each_unit_as_its_token_grid():
 
 
 @pytest.mark.slow
-def test_visualize_writes_a_png_of_weights_and_curves(data_dir, tmp_path):
-  config = small_config(data_dir, total_steps=20, log_every_steps=10, **{"evals.eval.every_steps": 10})
-  config.evals.fewshot.every_steps, config.evals.fewshot.shots, config.evals.fewshot.seeds = 10, (1, 5), 1
-  train_lib.train_and_evaluate(config, str(tmp_path))
-  scalars = visualize.read_scalars(str(tmp_path))
-  assert [s for s, _ in scalars["fewshot/digits_5shot"]] == [10, 20]
-  assert [s for s, _ in scalars["eval/top1"]] == [10, 20]
+def test_visualize_writes_a_png_of_weights_and_curves(trained_run, tmp_path):
+  workdir, history = trained_run
+  scalars = visualize.read_scalars(workdir)
+  assert scalars["fewshot/digits_5shot"] == [(f["step"], pytest.approx(f["mean"]["digits"]["5"]))
+                                              for f in history["fewshot"]]
+  assert scalars["eval/top1"] == [(e["step"], pytest.approx(e["top1"])) for e in history["eval"]]
+  assert [s for s, _ in scalars["eval/top1"]] == [50, 100]
   out = tmp_path / "fig.png"
-  result = subprocess.run([sys.executable, "-m", "mixer.visualize", f"--workdir={tmp_path}", f"--out={out}"],
+  result = subprocess.run([sys.executable, "-m", "mixer.visualize", f"--workdir={workdir}", f"--out={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   import matplotlib.image
