@@ -62,6 +62,7 @@ def _timm_logits(tmp_path, x, params=None, pth=None, name=None, num_classes=10, 
   return np.load(tmp_path / "logits.npy")
 
 
+@pytest.mark.slow
 def test_timm_mixer_s16_224_loads_strictly_and_matches_with_exact_gelu(tmp_path):
   model, params, x = _ours("S/16", 10, 224, gelu_approximate=False)
   theirs = _timm_logits(tmp_path, x, params=params, name="mixer_s16_224")

@@ -98,12 +98,14 @@ def _nan_config(data_dir, policy):
                       keep_checkpoints=10, nan_policy=policy)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(data_dir, tmp_path):
   with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite loss or gradients at step 3 .*from step 2"):
     train_lib.train_and_evaluate(_nan_config(data_dir, "stop"), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_non_finite_updates_can_be_skipped(data_dir, tmp_path):
   history = train_lib.train_and_evaluate(_nan_config(data_dir, "skip"), str(tmp_path))
   assert [t["nonfinite"] for t in history["train"]] == [0, 0, 1, 1, 1, 1, 1, 1]
@@ -123,6 +125,7 @@ def test_non_finite_updates_can_be_skipped(data_dir, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_params(data_dir, tmp_path):
   config = small_config(data_dir, total_steps=10, mixup=0.2, **{"model.dropout_rate": 0.1})
   runs = []
@@ -153,6 +156,7 @@ def test_unreadable_image_fails_naming_the_dataset(broken_data_dir, tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_unreadable_images_can_be_skipped_and_counted(broken_data_dir, tmp_path, caplog):
   config = small_config(broken_data_dir, dataset="broken_digits", batch_size=8, total_steps=6, bad_images="skip")
   with caplog.at_level("WARNING"):
@@ -188,6 +192,7 @@ def _tree(path):
   return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_a_rerun_with_another_model_names_the_config_keys_and_changes_nothing(trained_workdir, tmp_path):
   workdir, config = copy_workdir(trained_workdir, tmp_path)
   before = _tree(workdir)
@@ -212,6 +217,7 @@ def _damage_newest_checkpoints(workdir):
   (directory / "6").mkdir()
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoints_are_moved_aside_and_the_newest_intact_one_resumes(trained_workdir, tmp_path,
                                                                                       caplog):
   workdir, config = copy_workdir(trained_workdir, tmp_path)
@@ -248,6 +254,7 @@ def _immutable(path) -> bool:
   return False
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_seconds(data_dir, tmp_path):
   directory = tmp_path / "checkpoints"
   directory.mkdir()
@@ -278,6 +285,7 @@ def _wait_for(path, text, process, timeout=240):
   raise AssertionError(f"{text!r} not seen:\n{path.read_text()[-3000:] if path.exists() else ''}")
 
 
+@pytest.mark.slow
 def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, caplog):
   workdir, log = tmp_path / "run", tmp_path / "log.txt"
   flags = ["--config.total_steps=5000", "--config.checkpoint_every_steps=5000", "--config.batch_size=32",
@@ -327,6 +335,7 @@ def test_a_second_ctrl_c_aborts():
       time.sleep(1)
 
 
+@pytest.mark.slow
 def test_skipping_non_finite_steps_gives_up_past_max_nonfinite_steps(data_dir, tmp_path, caplog):
   config = override(_nan_config(data_dir, "skip"), max_nonfinite_steps=3)
   expected = r"at step 6: 4 steps in a row skipped, more than config.max_nonfinite_steps=3"

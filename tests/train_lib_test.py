@@ -25,6 +25,7 @@ def _step_fixture(config):
   return state, step, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["softmax_xent", "sigmoid_xent"])
 def test_train_step_fits_a_batch(data_dir, loss):
   state, step, batch = _step_fixture(small_config(data_dir, loss=loss, warmup_steps=1))
@@ -38,6 +39,7 @@ def test_train_step_fits_a_batch(data_dir, loss):
     assert float(metrics["accuracy"]) > 0.9
 
 
+@pytest.mark.slow
 def test_train_step_donates_the_state(data_dir):
   state, step, batch = _step_fixture(small_config(data_dir))
   old_kernel = state.params["head"]["kernel"]
@@ -45,6 +47,7 @@ def test_train_step_donates_the_state(data_dir):
   assert old_kernel.is_deleted()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_same_update(data_dir):
   results = []
   for accum in (1, 4):
@@ -62,6 +65,7 @@ def test_gradient_accumulation_gives_the_same_update(data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mixup_and_stochastic_depth_train(data_dir):
   config = small_config(data_dir, mixup=0.5, warmup_steps=1, **{"model.stoch_depth": 0.1})
   state, step, batch = _step_fixture(config)
@@ -106,6 +110,7 @@ def test_schedule_warms_up_then_decays_to_zero():
   assert float(optim.create_schedule(config, 110)(60)) == pytest.approx(0.5, abs=1e-6)  # cosine midpoint
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   workdir = str(tmp_path)
   config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, log_every_steps=5,
@@ -187,6 +192,7 @@ def _train_in_subprocess(data_dir, workdir, devices, **overrides):
   return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_loss_curve_as_one(data_dir, tmp_path):
   one = _train_in_subprocess(data_dir, str(tmp_path / "one"), devices=1)
   eight = _train_in_subprocess(data_dir, str(tmp_path / "eight"), devices=8)
@@ -197,6 +203,7 @@ def test_eight_devices_give_the_same_loss_curve_as_one(data_dir, tmp_path):
   np.testing.assert_allclose(eight["eval"][-1]["top1"], one["eval"][-1]["top1"], atol=1 / 359 + 1e-6)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_devices_fails_at_start(data_dir, tmp_path):
   with pytest.raises(AssertionError, match=r"config.batch_size=36 is not a positive multiple of the 8 devices"):
     _train_in_subprocess(data_dir, str(tmp_path), devices=8, batch_size=36)
