@@ -34,11 +34,11 @@ class SmallCNN(nn.Module):
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def run(model_name: str, permutation: str, num_steps: int, eval_every: int, data_dir=None) -> list[tuple[int, float]]:
-  """(step, test top-1) along one training run."""
+def run(model_name: str, num_steps: int, eval_every: int, data_dir=None) -> dict[str, list[tuple[int, float]]]:
+  """{permutation: [(step, test top-1)] along its training run}; the permutation is in the data only, so the
+  model's train and eval steps compile once for all of them."""
   config = default.get_config()
   config.data_dir = data_dir
-  config.pp_train = config.pp_eval = _PP.format(PERMUTATIONS[permutation])
   config.total_steps, config.warmup_steps = num_steps, max(1, num_steps // 20)
   mesh = sharding.create_mesh(config.mesh)
   builder = dataset.get_builder(config)
@@ -46,20 +46,24 @@ def run(model_name: str, permutation: str, num_steps: int, eval_every: int, data
   model = models.create_model(config.model, info.num_classes) if model_name == "Mixer" else SmallCNN(info.num_classes)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = steps.create_train_state(model, tx, (16, 16, 1), mesh, config.seed)
+  _, state_sharding = steps.create_train_state(model, tx, (16, 16, 1), mesh, config.seed)
   train_step = steps.make_train_step(config, model, tx, schedule, info.num_classes, state_sharding, mesh)
   eval_step = steps.make_eval_step(config, model, info.num_classes, state_sharding.params, mesh)
-  batches = input_pipeline.train_iterator(config, builder, info, mesh)
-  curve = []
-  for step in range(1, num_steps + 1):
-    state, metrics = train_step(state, next(batches), jax.random.key(0))
-    if step % eval_every == 0 or step == num_steps:
-      top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, mesh))["top1"]
-      curve.append((step, top1))
-      logging.info("%s, %s, step %d: test top-1 %.4f", model_name, permutation, step, top1)
-    elif step % config.sync_every_steps == 0:
-      jax.block_until_ready(metrics)
-  return curve
+  curves = {}
+  for permutation, spec in PERMUTATIONS.items():
+    config.pp_train = config.pp_eval = _PP.format(spec)
+    state, _ = steps.create_train_state(model, tx, (16, 16, 1), mesh, config.seed)  # the same start for each.
+    batches = input_pipeline.train_iterator(config, builder, info, mesh)
+    curves[permutation] = []
+    for step in range(1, num_steps + 1):
+      state, metrics = train_step(state, next(batches), jax.random.key(0))
+      if step % eval_every == 0 or step == num_steps:
+        top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, mesh))["top1"]
+        curves[permutation].append((step, top1))
+        logging.info("%s, %s, step %d: test top-1 %.4f", model_name, permutation, step, top1)
+      elif step % config.sync_every_steps == 0:
+        jax.block_until_ready(metrics)
+  return curves
 
 
 def plot(curves: dict, out: str) -> None:
@@ -84,7 +88,7 @@ def plot(curves: dict, out: str) -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  curves = {m: {p: run(m, p, f.steps, f.eval_every, f.data_dir) for p in PERMUTATIONS} for m in ("Mixer", "CNN")}
+  curves = {m: run(m, f.steps, f.eval_every, f.data_dir) for m in ("Mixer", "CNN")}
   plot(curves, f.out)
   final = {m: {p: curve[-1][1] for p, curve in by_perm.items()} for m, by_perm in curves.items()}
   path = f.out.rsplit(".", 1)[0] + ".json"
