@@ -72,6 +72,7 @@ def test_timm_mixer_s16_224_loads_strictly_and_matches_with_exact_gelu(tmp_path)
 _TINY = dict(img_size=16, patch_size=4, num_blocks=4, embed_dim=128)  # Ti/4: token/channel ratios 0.5 and 4.
 
 
+@pytest.mark.slow
 def test_tanh_gelu_weights_in_timm_differ_only_slightly(tmp_path):
   """The released weights use tanh gelu, timm exact gelu: the logits differ by about 1e-3."""
   model, params, x = _ours("Ti/4", 10, 16, gelu_approximate=True)
