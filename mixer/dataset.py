@@ -102,17 +102,22 @@ def held_out_split(config) -> tuple[str, str] | None:
   return None
 
 
+def check_split(config, builder, key: str, split: str) -> None:
+  """Fails, naming config.KEY, when `split` (tfds split syntax, e.g. "train[:10%]") is not one of the dataset's."""
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"config.{key}={split!r} is not a split of {config.dataset!r} "
+                     f"({', '.join(builder.info.splits)}): {e}") from None
+
+
 def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
   held_out = held_out_split(config)
   splits = {"train_split": train_split(config)}
   if held_out:
     splits[held_out[0]] = held_out[1]
   for key, split in splits.items():
-    try:
-      builder.info.splits[split]
-    except (KeyError, ValueError) as e:
-      raise ValueError(f"config.{key}={split!r} is not a split of {config.dataset!r} "
-                       f"({', '.join(builder.info.splits)}): {e}") from None
+    check_split(config, builder, key, split)
   subset = label_subset(config)
   num_classes = _label_feature(config, builder)[0].num_classes
   if subset is not None:

@@ -99,9 +99,7 @@ def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
     builder = feature = None
   multilabel = (isinstance(feature, tfds.features.Sequence) if feature is not None
                 else config.loss == "sigmoid_xent")
-  num_classes = config.num_classes
-  if not num_classes and dataset.label_subset(config):
-    num_classes = len(dataset.label_subset(config))
+  num_classes = config.num_classes or len(dataset.label_subset(config) or ())
   if not num_classes:
     if feature is None:
       raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset with a {config.label_key!r} "

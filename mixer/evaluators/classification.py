@@ -4,7 +4,7 @@ the eval preprocessing (config.pp_eval) in batches of config.eval_batch_size.
   config.evals.eval = ConfigDict(dict(type="classification", split="test", every_steps=100))
 """
 
-from mixer import input_pipeline, steps
+from mixer import dataset, input_pipeline, steps
 
 KEYS = ("split",)
 
@@ -21,11 +21,7 @@ class Evaluator:
     del progress  # one jitted step per batch: fast enough without a progress bar.
     self.split, self.every_steps = settings.split, settings.every_steps
     self.dataset, self.sync_every = config.dataset, config.sync_every_steps
-    try:
-      builder.info.splits[self.split]
-    except (KeyError, ValueError) as e:
-      raise ValueError(f"config.evals.{name}.split={self.split!r} is not a split of {config.dataset!r} "
-                       f"({', '.join(builder.info.splits)}): {e}") from None
+    dataset.check_split(config, builder, f"evals.{name}.split", self.split)
     self._eval_step = steps.make_eval_step(config, model, model.num_classes, params_sharding, mesh)
     self._batches = lambda: input_pipeline.eval_iterator(config, builder, mesh, self.split)
 
