@@ -46,11 +46,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import checkpoints, evaluators, steps, train_lib, transfer
+  from mixer import checkpoints, evaluators, setup, steps, transfer
   config = FLAGS.config or cli.load_config(FLAGS.workdir)
   names = selected_evals(config)
-  mesh, builder, info = train_lib.setup(config)
-  model = train_lib.create_model(config, info)
+  mesh, builder, info = setup.setup(config)
+  model = setup.create_model(config, info)
   init = lambda seed: steps.init_params(model, info.image_shape, seed)
   # Params laid out on the whole mesh by config.param_sharding, as a checkpoint's restore.
   abstract_params = steps.abstract_params(model, info.image_shape, mesh, config.param_sharding)

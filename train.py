@@ -47,9 +47,13 @@ def main(argv):
   if final:
     print(f"Final test top-1 ({FLAGS.config.dataset}:{final['split']}, step {final['step']}, "
           f"{final['num_examples']} examples): {final['top1']:.4f}")
-  else:
+  elif history["start_step"] >= history["final_step"]:
     print(f"Nothing to train: the checkpoint in {FLAGS.workdir} is already at step "
           f"{history['final_step']}. Evaluate it with `python evaluate.py --workdir {FLAGS.workdir}`.")
+  else:
+    print(f"Trained steps {history['start_step'] + 1}..{history['final_step']}; no classification evaluator ran "
+          f"at the end (config.evals). Evaluate the checkpoint in {FLAGS.workdir} with "
+          f"`python evaluate.py --workdir {FLAGS.workdir}`.")
 
 
 def compile_for(config, topology: str) -> int:

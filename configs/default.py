@@ -96,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
   # An image that does not decode: "fail" (with the dataset and split named) or "skip" (counted in the log).
   config.bad_images = "fail"
 
+  # Keys a resume may change (comma-separated; "optim" allows optim.*, "dataset" a changed dataset). Any other
+  # change that can alter the result is refused; allowed ones are appended to the workdir's config_changes.json.
+  config.allow_changes = ""
+
   config.log_every_steps = 10
   # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.
   config.sync_every_steps = 16

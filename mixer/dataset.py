@@ -3,7 +3,9 @@ facts a run needs (classes, example counts, image shape, label subset, the train
 
 import contextlib
 import dataclasses
+import hashlib
 import io
+import os
 
 import jax
 import tensorflow as tf
@@ -22,6 +24,8 @@ class DatasetInfo:
   num_eval_examples: int
   min_local_train_examples: int  # the fewest train examples any process reads: sets steps per epoch.
   image_shape: tuple[int, ...]  # after the preprocessing: the model's input shape.
+  class_names: tuple[str, ...] = ()  # after config.label_subset, in label order.
+  fingerprint: dict = dataclasses.field(default_factory=dict)  # what identifies the data: see fingerprint().
 
 
 def label_subset(config) -> list[int] | None:
@@ -119,15 +123,35 @@ def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
   for key, split in splits.items():
     check_split(config, builder, key, split)
   subset = label_subset(config)
-  num_classes = _label_feature(config, builder)[0].num_classes
+  names = list(_label_feature(config, builder)[0].names)
   if subset is not None:
-    if is_multilabel(config, builder) or not all(0 <= c < num_classes for c in subset):
-      raise ValueError(f"config.label_subset={config.label_subset!r} needs single labels in 0..{num_classes - 1}")
-    num_classes = len(subset)
+    if is_multilabel(config, builder) or not all(0 <= c < len(names) for c in subset):
+      raise ValueError(f"config.label_subset={config.label_subset!r} needs single labels in 0..{len(names) - 1}")
+    names = [names[c] for c in subset]
   train_counts = local_counts(config, builder, splits["train_split"])
-  return DatasetInfo(num_classes=num_classes, num_train_examples=sum(train_counts),
+  return DatasetInfo(num_classes=len(names), num_train_examples=sum(train_counts),
                      num_eval_examples=sum(local_counts(config, builder, held_out[1])) if held_out else 0,
-                     min_local_train_examples=min(train_counts), image_shape=image_shape(config, builder))
+                     min_local_train_examples=min(train_counts), image_shape=image_shape(config, builder),
+                     class_names=tuple(names), fingerprint=fingerprint(config, builder, names))
+
+
+def fingerprint(config, builder, class_names: list[str]) -> dict:
+  """What identifies the data a run reads, for its record: the tfds dataset and version, the class names
+  (after config.label_subset), each split's size and, for a folder, a digest of its file list (each file's
+  split, class, path under the folder and size; not its location or times, so a copied folder matches)."""
+  record = {"class_names": list(class_names), "label_subset": config.label_subset,
+            "splits": {name: split.num_examples for name, split in sorted(builder.info.splits.items())}}
+  if folder.is_folder(config.dataset):
+    root = config.dataset[len(folder.PREFIX):]
+    digest = hashlib.sha256()
+    for split, examples in sorted(folder.scan(root).items()):
+      for path, label in examples:
+        digest.update(f"{split}\0{label}\0{os.path.relpath(path, root)}\0{os.path.getsize(path)}\n".encode())
+    record["tfds_name"] = builder.name  # not its version: the file list says what the data is.
+    record["files_sha256"] = digest.hexdigest()
+  else:
+    record["tfds_name"] = builder.info.full_name
+  return record
 
 
 def local_counts(config, builder, split: str) -> list[int]:

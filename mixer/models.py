@@ -128,7 +128,7 @@ class MlpMixer(nn.Module):
 
 
 def create_model(model_config, num_classes: int | None) -> MlpMixer:
-  """The MlpMixer that a `config.model` ConfigDict describes (train_lib.validate_config checks its values)."""
+  """The MlpMixer that a `config.model` ConfigDict describes (setup.validate_config checks its values)."""
   dims = variant_kwargs(model_config.variant)
   if model_config.get("tokens_mlp_dim"):  # e.g. K^2 D_S after block-diagonal resolution growth.
     dims["tokens_mlp_dim"] = model_config.tokens_mlp_dim

@@ -156,8 +156,8 @@ def compile_for(config, name: str, eval_step: bool = True) -> dict:
   """Compiles the config's train (and eval) step for the TPU slice `name`; returns what each device needs."""
   devices, chip = topology(name)
   num_processes = len({d.process_index for d in devices})
-  from mixer import train_lib  # validate_config: the same checks as a real run, on the slice's counts.
-  train_lib.validate_config(config, len(devices), num_processes)
+  from mixer import setup  # validate_config: the same checks as a real run, on the slice's counts.
+  setup.validate_config(config, len(devices), num_processes)
   mesh = sharding.create_mesh(config.mesh, devices)
   num_classes, image_shape, multilabel = dataset_facts(config)
   model = models.create_model(config.model, num_classes)

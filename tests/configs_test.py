@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mixer import models, preprocess, train_lib
+from mixer import models, preprocess, setup
 from tests.conftest import REPO
 
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -19,7 +19,7 @@ CONFIGS = [m for m in MODULES if hasattr(importlib.import_module(f"configs.{m}")
 def test_config_loads_and_validates(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   devices = 8 if config.dataset == "digits" else 256  # the embedded runs are sized for a CPU.
-  train_lib.validate_config(config, num_devices=devices, num_processes=1)
+  setup.validate_config(config, num_devices=devices, num_processes=1)
   models.variant_kwargs(config.model.variant)
   if config.dataset == "digits":  # CPU runs must stay clear of XLA:CPU's in-flight deadlock.
     assert config.sync_every_steps <= 16

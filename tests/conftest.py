@@ -80,9 +80,9 @@ def model_and_params(num_classes=10, image_size=16, **kwargs):
 
 def restore_params(config, workdir: str):
   """(step, params) of the workdir's newest checkpoint on the config's mesh, restored as evaluate.py does."""
-  from mixer import checkpoints, steps, train_lib
-  mesh, _, info = train_lib.setup(config)
-  abstract = steps.abstract_params(train_lib.create_model(config, info), info.image_shape, mesh, config.param_sharding)
+  from mixer import checkpoints, setup, steps
+  mesh, _, info = setup.setup(config)
+  abstract = steps.abstract_params(setup.create_model(config, info), info.image_shape, mesh, config.param_sharding)
   return checkpoints.restore_params(workdir, abstract)
 
 

@@ -5,7 +5,7 @@ import jax
 import ml_collections
 import pytest
 
-from mixer import evaluators, steps, train_lib
+from mixer import evaluators, setup, steps
 from tests.conftest import small_config
 
 
@@ -41,7 +41,7 @@ def test_missing_unknown_reserved_and_replaced_keys_are_named():
   config = small_config("unused")  # a config.json from before config.evals
   config.eval_split = "test"
   with pytest.raises(ValueError, match=r"config.eval_split is no longer read: .* \(now config.evals.eval.split\)"):
-    train_lib.validate_config(config, num_devices=1, num_processes=1)
+    setup.validate_config(config, num_devices=1, num_processes=1)
 
 
 def test_due_every_n_steps_and_at_the_last_never_with_0():
@@ -54,8 +54,8 @@ def test_due_every_n_steps_and_at_the_last_never_with_0():
 def test_classification_evaluator_on_a_split_of_the_digits(data_dir):
   config = small_config(data_dir)
   config.evals.train_top1 = ml_collections.ConfigDict(dict(type="classification", split="validation", every_steps=0))
-  mesh, builder, info = train_lib.setup(config)
-  model = train_lib.create_model(config, info)
+  mesh, builder, info = setup.setup(config)
+  model = setup.create_model(config, info)
   params = jax.jit(lambda: steps.init_params(model, info.image_shape, 0))()
   sharding = jax.tree.map(lambda x: x.sharding, params)
   with pytest.raises(ValueError, match=r"config.evals.train_top1.split='validation' is not a split of 'digits'"):

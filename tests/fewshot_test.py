@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mixer import evaluators, preprocess, steps, train_lib
+from mixer import evaluators, preprocess, setup, steps
 from mixer.evaluators import fewshot
 from tests.conftest import REPO, small_config
 
@@ -93,8 +93,8 @@ def digits_setup(data_dir):
   """The default config's model at initialisation, with its few-shot evaluator reduced to 2 seeds."""
   config = small_config(data_dir)
   config.evals.fewshot.shots, config.evals.fewshot.seeds = (1, 5, 1000), 2  # no digit has 1000 train images.
-  mesh, builder, info = train_lib.setup(config)
-  model = train_lib.create_model(config, info)
+  mesh, builder, info = setup.setup(config)
+  model = setup.create_model(config, info)
   params = jax.jit(lambda: steps.init_params(model, info.image_shape, 0))()
   return config, (model, mesh, builder), params
 

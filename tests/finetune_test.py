@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from configs import finetune_digits
-from mixer import cli, input_pipeline, params_io, steps, train_lib, transfer
+from mixer import cli, input_pipeline, params_io, setup, steps, train_lib, transfer
 from tests.conftest import override, restore_params, small_config
 
 pytestmark = pytest.mark.slow
@@ -34,9 +34,9 @@ def _finetune_config(data_dir, checkpoint, **overrides):
 
 def _untuned_top1(config):
   """Top-1 of the pre-trained features with the new zero head, before any fine-tuning step."""
-  mesh, builder, info = train_lib.setup(config)
-  config, pretrained = train_lib.load_pretrained(config, info)
-  model = train_lib.create_model(config, info)
+  mesh, builder, info = setup.setup(config)
+  config, pretrained = setup.load_pretrained(config, info)
+  model = setup.create_model(config, info)
   fresh = steps.init_params(model, info.image_shape, 0)
   params = transfer.init_from_pretrained(pretrained, fresh, model, True, "test")
   eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
@@ -98,9 +98,9 @@ def _start_top1(data_dir, checkpoint, random_token_mixing: bool):
   pp = "decode(channels=1)|resize(24)|value_range(-1, 1)"
   config = _finetune_config(data_dir, checkpoint, label_subset="0-4", pp_train=pp, pp_eval=pp,
                             **{"init.token_mixing": "resample", "init.new_head": False})
-  mesh, builder, info = train_lib.setup(config)
-  config, pretrained = train_lib.load_pretrained(config, info)
-  model = train_lib.create_model(config, info)
+  mesh, builder, info = setup.setup(config)
+  config, pretrained = setup.load_pretrained(config, info)
+  model = setup.create_model(config, info)
   fresh = steps.init_params(model, info.image_shape, 0)
   assert pretrained["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape == (36, 64)  # D_S unchanged
   if random_token_mixing:

@@ -223,11 +223,11 @@ def test_image_size_not_multiple_of_patch_is_an_error():
     ("dropout_rate", -0.1, r"config\.model\.dropout_rate=-0.1"),
     ("variant", "B16", r"config\.model\.variant='B16' is not SIZE/PATCH")])
 def test_bad_model_config_values_name_the_key(key, value, message):
-  from mixer import train_lib
+  from mixer import setup
   config = default.get_config()
   config.model[key] = value
   with pytest.raises(ValueError, match=message):
-    train_lib.validate_config(config, 1, 1)
+    setup.validate_config(config, 1, 1)
 
 
 def test_scanned_blocks_equal_the_loop_with_stacked_params():

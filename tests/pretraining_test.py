@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import mixer_imagenet21k, mixer_imagenet2012, mixer_jft
-from mixer import train_lib
+from mixer import setup, train_lib
 from mixer.datasets import imagenet21k
 from tests.conftest import mock_tfds
 
@@ -105,4 +105,4 @@ def test_imagenet21k_says_how_to_prepare(tmp_path):
 def test_every_variant_of_every_pretraining_config_validates(module, arg):
   config = module.get_config(arg)
   assert config.model.variant == f"{arg[0].upper()}/{arg[1:]}"
-  train_lib.validate_config(config, num_devices=256, num_processes=32)
+  setup.validate_config(config, num_devices=256, num_processes=32)

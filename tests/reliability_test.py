@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer import checkpoints, params_io, train_lib, trees, workdir_lock
+from mixer import checkpoints, guards, params_io, setup, train_lib, trees, workdir_lock
 from tests.conftest import REPO, override, restore_params, small_config
 
 # Random everywhere a resumed run could diverge: augmentation, dropout, stochastic depth, mixup.
@@ -100,7 +100,7 @@ def _nan_config(data_dir, policy):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(data_dir, tmp_path):
-  with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite loss or gradients at step 3 .*from step 2"):
+  with pytest.raises(guards.NonFiniteLossError, match=r"non-finite loss or gradients at step 3 .*from step 2"):
     train_lib.train_and_evaluate(_nan_config(data_dir, "stop"), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
 
@@ -323,7 +323,7 @@ def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, capl
 
 
 def test_a_second_ctrl_c_aborts():
-  with train_lib._Preemption() as preemption:
+  with guards.Preemption() as preemption:
     try:
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.1)
@@ -339,7 +339,7 @@ def test_a_second_ctrl_c_aborts():
 def test_skipping_non_finite_steps_gives_up_past_max_nonfinite_steps(data_dir, tmp_path, caplog):
   config = override(_nan_config(data_dir, "skip"), max_nonfinite_steps=3)
   expected = r"at step 6: 4 steps in a row skipped, more than config.max_nonfinite_steps=3"
-  with caplog.at_level("WARNING"), pytest.raises(train_lib.NonFiniteLossError, match=expected):
+  with caplog.at_level("WARNING"), pytest.raises(guards.NonFiniteLossError, match=expected):
     train_lib.train_and_evaluate(config, str(tmp_path))
   for step in (3, 4, 5):
     assert f"Step {step}: non-finite loss or gradients" in caplog.text
@@ -369,10 +369,10 @@ def test_bad_config_values_and_files_are_named(data_dir, tmp_path):
   for key, value, message in (("model.variant", "Ti/0", r"config.model.variant='Ti/0': the patch size must be"),
                               ("label_subset", "9-5", r"config.label_subset='9-5' selects no class")):
     with pytest.raises(ValueError, match=message):
-      train_lib.validate_config(small_config(data_dir, **{key: value}), 1, 1)
+      setup.validate_config(small_config(data_dir, **{key: value}), 1, 1)
   config = small_config(data_dir, **{"init.checkpoint": str(tmp_path / "missing")})
   with pytest.raises(FileNotFoundError, match=r"config.init.checkpoint='.*missing': .*missing does not exist"):
-    train_lib.load_pretrained(config, train_lib.setup(config)[2])
+    setup.load_pretrained(config, setup.setup(config)[2])
   notes = tmp_path / "notes.txt"
   notes.write_text("not parameters")
   with pytest.raises(ValueError, match=r"notes.txt is not a readable .npz of parameters"):

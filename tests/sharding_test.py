@@ -80,14 +80,14 @@ _LAYOUTS = """
 import json
 import jax
 from tests.conftest import small_config
-from mixer import optim, steps, train_lib
+from mixer import optim, setup, steps, train_lib
 out = {}
 for name, mesh, rules in %(layouts)r:
   config = small_config(%(data_dir)r, total_steps=8, param_sharding=rules, mesh=mesh)
   history = train_lib.train_and_evaluate(config, %(workdir)r + "/" + name)
-  mesh, _, info = train_lib.setup(config)
+  mesh, _, info = setup.setup(config)
   tx = optim.create_optimizer(config, optim.create_schedule(config, 8))
-  state, _ = steps.create_train_state(train_lib.create_model(config, info), tx, info.image_shape, mesh, 0, rules)
+  state, _ = steps.create_train_state(setup.create_model(config, info), tx, info.image_shape, mesh, 0, rules)
   kernel = state.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
   mu = state.opt_state[1][0].mu["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
   out[name] = {"loss": [t["loss"] for t in history["train"]], "top1": history["eval"][-1]["top1"],

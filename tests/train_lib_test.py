@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer import input_pipeline, models, optim, steps, train_lib, trees
+from mixer import input_pipeline, models, optim, setup, steps, train_lib, trees
 from tests.conftest import restore_params, run_python, small_config
 
 
 def _step_fixture(config):
-  mesh, builder, info = train_lib.setup(config)
-  model = train_lib.create_model(config, info)
+  mesh, builder, info = setup.setup(config)
+  model = setup.create_model(config, info)
   schedule = optim.create_schedule(config, 100)
   tx = optim.create_optimizer(config, schedule)
   state, state_sharding = steps.create_train_state(model, tx, info.image_shape, mesh, config.seed,
@@ -151,18 +151,18 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})
   with pytest.raises(ValueError, match=match):
-    train_lib.validate_config(config, num_devices=8, num_processes=1)
+    setup.validate_config(config, num_devices=8, num_processes=1)
 
 
 def test_gradient_accumulation_splits_each_data_shard():
   # 8 devices as 4 data shards x 2 model: each shard's 2 rows split into 2 micro-batches of 1.
   config = small_config("unused", batch_size=8, grad_accum_steps=2, mesh={"data": 4, "model": 2})
-  train_lib.validate_config(config, num_devices=8, num_processes=1)
+  setup.validate_config(config, num_devices=8, num_processes=1)
   with pytest.raises(ValueError, match=r"config.grad_accum_steps=4 does not divide the batch of each of the 4"):
-    train_lib.validate_config(small_config("unused", batch_size=8, grad_accum_steps=4,
+    setup.validate_config(small_config("unused", batch_size=8, grad_accum_steps=4,
                                            mesh={"data": 4, "model": 2}), num_devices=8, num_processes=1)
   # The model axis given as -1 ("the rest"): 2 data shards of 8 rows, 4 micro-batches of 2.
-  train_lib.validate_config(small_config("unused", batch_size=16, grad_accum_steps=4,
+  setup.validate_config(small_config("unused", batch_size=16, grad_accum_steps=4,
                                          mesh={"data": 2, "model": -1}), num_devices=8, num_processes=1)
 
 
@@ -179,7 +179,7 @@ def test_bad_optimizer_and_schedule_name_the_key():
 _TRAIN_AND_PRINT = """
 import json, sys
 from tests.conftest import small_config
-from mixer import train_lib
+from mixer import setup, train_lib
 config = small_config({data_dir!r}, total_steps=12, **{overrides!r})
 history = train_lib.train_and_evaluate(config, {workdir!r})
 print(json.dumps(history))
