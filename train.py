@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mixer import cli, errors
+from mixer import cli, console, errors
 
 flags.DEFINE_string("workdir", "workdir", "Checkpoints, TensorBoard logs and config.json go here.")
 flags.DEFINE_string("compile_for", None, "Instead of training, compile the config's train and eval steps for this "
@@ -41,19 +41,7 @@ def main(argv):
     print(f"Preempted: stopped at step {history['preempted_at']} with a complete checkpoint in "
           f"{FLAGS.workdir}; rerun the same command to resume.")
     sys.exit(PREEMPTED_EXIT_CODE)
-  # The first classification evaluator's last result (config.evals; a few-shot one has no "top1").
-  final = next((history[name][-1] for name in FLAGS.config.evals if history[name] and "top1" in history[name][-1]),
-               None)
-  if final:
-    print(f"Final test top-1 ({FLAGS.config.dataset}:{final['split']}, step {final['step']}, "
-          f"{final['num_examples']} examples): {final['top1']:.4f}")
-  elif history["start_step"] >= history["final_step"]:
-    print(f"Nothing to train: the checkpoint in {FLAGS.workdir} is already at step "
-          f"{history['final_step']}. Evaluate it with `python evaluate.py --workdir {FLAGS.workdir}`.")
-  else:
-    print(f"Trained steps {history['start_step'] + 1}..{history['final_step']}; no classification evaluator ran "
-          f"at the end (config.evals). Evaluate the checkpoint in {FLAGS.workdir} with "
-          f"`python evaluate.py --workdir {FLAGS.workdir}`.")
+  print(console.final_message(history, FLAGS.config.evals, FLAGS.config.dataset, FLAGS.workdir))
 
 
 def compile_for(config, topology: str) -> int:

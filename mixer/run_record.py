@@ -170,4 +170,4 @@ def _write(path: epath.Path, text: str) -> None:
     return
   temporary = path.parent / f".{path.name}.tmp"
   temporary.write_text(text)
-  temporary.rename(path)
+  temporary.replace(path)

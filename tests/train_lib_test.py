@@ -3,13 +3,14 @@
 import glob
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer import input_pipeline, models, optim, setup, steps, train_lib, trees
+from mixer import console, input_pipeline, models, optim, run_record, setup, steps, train_lib, trees
 from tests.conftest import restore_params, run_python, small_config
 
 
@@ -124,9 +125,15 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["total_steps"] == 30
 
-  config.total_steps = 40  # a longer run from the same workdir continues from step 30.
+  config.total_steps = 40  # a longer run from the same workdir continues from step 30, once allowed.
+  with pytest.raises(run_record.RunChangedError, match=r"at step 30 .*total_steps: 30 -> 40"):
+    train_lib.train_and_evaluate(config, workdir)
+  config.allow_changes = "total_steps"
   resumed = train_lib.train_and_evaluate(config, workdir)
   assert [t["step"] for t in resumed["train"]] == [35, 40]
+  assert run_record.changes(workdir) == [{"step": 30, "key": "total_steps", "old": 30, "new": 40}]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["total_steps"] == 30  # the record of steps 1..30 is not rewritten.
   assert resumed["final_step"] == 40
   step, params = restore_params(config, workdir)
   assert step == 40
@@ -137,33 +144,6 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
 
   again = train_lib.train_and_evaluate(config, workdir)  # nothing left to do: no steps, no change.
   assert again["train"] == [] and again["final_step"] == 40
-
-
-@pytest.mark.parametrize("key,value,match", [
-    ("batch_size", 12, r"config.batch_size=12 is not a positive multiple of the 8 devices"),
-    ("eval_batch_size", 20, r"config.eval_batch_size=20"),
-    ("model.variant", "Q/16", r"config.model.variant='Q/16'"),
-    ("loss", "hinge", r"config.loss='hinge'"),
-    ("log_every_steps", 0, r"config.log_every_steps=0"),
-    ("grad_accum_steps", 3, r"config.grad_accum_steps=3 does not divide the batch of each of the 8 data shards, 4"),
-    ("param_sharding", "embed=rows", r"config.param_sharding='embed=rows'"),
-])
-def test_bad_config_fails_at_start_naming_the_key(key, value, match):
-  config = small_config("unused", **{key: value})
-  with pytest.raises(ValueError, match=match):
-    setup.validate_config(config, num_devices=8, num_processes=1)
-
-
-def test_gradient_accumulation_splits_each_data_shard():
-  # 8 devices as 4 data shards x 2 model: each shard's 2 rows split into 2 micro-batches of 1.
-  config = small_config("unused", batch_size=8, grad_accum_steps=2, mesh={"data": 4, "model": 2})
-  setup.validate_config(config, num_devices=8, num_processes=1)
-  with pytest.raises(ValueError, match=r"config.grad_accum_steps=4 does not divide the batch of each of the 4"):
-    setup.validate_config(small_config("unused", batch_size=8, grad_accum_steps=4,
-                                           mesh={"data": 4, "model": 2}), num_devices=8, num_processes=1)
-  # The model axis given as -1 ("the rest"): 2 data shards of 8 rows, 4 micro-batches of 2.
-  setup.validate_config(small_config("unused", batch_size=16, grad_accum_steps=4,
-                                         mesh={"data": 2, "model": -1}), num_devices=8, num_processes=1)
 
 
 def test_bad_optimizer_and_schedule_name_the_key():
@@ -208,3 +188,24 @@ def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
   scanned = trees.flatten(optim.decay_mask(models.stack_blocks(params)))
   assert {k.removeprefix("MixerBlocks/") for k, v in scanned.items() if v and k.startswith("MixerBlocks")} == {
       k.removeprefix("MixerBlock_0/") for k in decayed if k.startswith("MixerBlock_0/")}
+
+
+@pytest.mark.slow
+def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_folder, data_dir, tmp_path):
+  images, workdir = tmp_path / "images", str(tmp_path / "workdir")
+  shutil.copytree(digits_folder, images)
+  config = small_config(data_dir, dataset=f"folder:{images}", total_steps=2, warmup_steps=1, bad_images="skip",
+                        **{"evals.eval.every_steps": 0})
+  history = train_lib.train_and_evaluate(config, workdir)
+  assert console.final_message(history, config.evals, config.dataset, workdir).startswith(
+      f"Trained steps 1..2; no classification evaluator ran at the end (config.evals). Evaluate the checkpoint in "
+      f"{workdir} with `python evaluate.py --workdir {workdir}`")
+  again = train_lib.train_and_evaluate(config, workdir)
+  assert console.final_message(again, config.evals, config.dataset, workdir).startswith(
+      f"Nothing to train: the checkpoint in {workdir} is already at step 2")
+  assert run_record.class_names(workdir) == sorted(os.listdir(images / "train"))
+
+  (images / "train" / "seven").rename(images / "train" / "zeven")  # same shapes, another labelling.
+  (images / "test" / "seven").rename(images / "test" / "zeven")
+  with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zeven\""):
+    train_lib.train_and_evaluate(config, workdir)
