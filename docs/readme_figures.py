@@ -1,9 +1,11 @@
-"""Re-measures every figure of the README's first-run, evaluation and fine-tuning-demo sections by running
-the README's own commands, writes them with the machine they ran on to docs/readme_figures.json, and
-puts them into README.md (tests/readme_figures_test.py checks that README and JSON agree).
+"""Re-measures the README's first-run figures (the default run, the fine-tuning demo) and the few-shot table of
+docs/evaluation.md by running the README's own commands, writes them with the machine they ran on (and
+the date, in the JSON only) to docs/readme_figures.json, and puts them into those pages
+(tests/readme_figures_test.py checks that the pages and the JSON agree).
 
-  python docs/readme_figures.py            # about 10 minutes on 2 busy CPU cores
-  python docs/readme_figures.py --check    # only compare README.md with docs/readme_figures.json
+  python docs/readme_figures.py                # about 10 minutes on 2 busy CPU cores
+  python docs/readme_figures.py --check        # only compare the pages with docs/readme_figures.json
+  python docs/readme_figures.py --readme_only  # write the JSON's figures into the pages, measuring nothing
 """
 
 import json
@@ -18,8 +20,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON = os.path.join(REPO, "docs", "readme_figures.json")
 RUNS = "runs/readme_figures"  # relative to the repository root, as a user's
+PAGES = ("README.md", "docs/evaluation.md")  # the pages that show these figures, relative to REPO
+RECORDED_ONLY = ("date",)  # in the JSON, not in the pages: a page names the machine and command instead
 
-# figure -> (the README text around it, with (?P<v>...) where the value goes; how the value is written)
+# figure -> (the page text around it, with (?P<v>...) where the value goes; how the value is written). Each
+# must occur in at least one of PAGES; every occurrence is checked and written.
 FIGURES = {
     "default_top1": (r"Final test top-1 \(digits:test, step 449, 359 examples\): (?P<v>[0-9.]+)", "{:.4f}"),
     "default_minutes": (r"\(449 steps of batch 128\) in about (?P<v>[0-9.]+) minutes", "{:.1f}"),
@@ -32,7 +37,7 @@ FIGURES = {
     "pre_top1": (r"--workdir runs/pre +# (?P<v>[0-9.]+) on the 0-4 test digits", "{:.4f}"),
     "ft_top1": (r"--workdir runs/ft +# (?P<v>[0-9.]+) on 5-9", "{:.4f}"),
     "demo_minutes": (r"fine-tune on 5-9; ~(?P<v>[0-9.]+) min in all", "{:.1f}"),
-    "machine": (r"Figures measured on (?P<v>[^;]+); regenerate", "{}"),
+    "machine": (r"measured by\s+`python docs/readme_figures\.py`[^\n]*? on (?P<v>[^\n]+?, jax [0-9.]*[0-9])", "{}"),
 }
 
 
@@ -66,13 +71,12 @@ def machine() -> str:
                platform.processor())
   import jax
   load = os.getloadavg()[0]  # other jobs on the machine slow the timings
-  return (f"{os.cpu_count()} cores of {model} (load {load:.1f} at the start), {platform.system()}, "
-          f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  return f"{os.cpu_count()} cores of {model} (load {load:.1f} at the start), {platform.system()}, jax {jax.__version__}"
 
 
 def measure() -> dict:
   shutil.rmtree(os.path.join(REPO, RUNS), ignore_errors=True)
-  figures = {"machine": machine()}
+  figures = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
   out, seconds = _run("train.py", f"--workdir={RUNS}/default")
   figures.update(default_top1=_final(out), default_minutes=seconds / 60)
   figures["default_top1_percent"] = 100 * figures["default_top1"]
@@ -90,41 +94,51 @@ def measure() -> dict:
   return figures
 
 
-def mismatches(readme: str, figures: dict) -> list[str]:
+def read_pages() -> dict[str, str]:
+  return {page: open(os.path.join(REPO, page)).read() for page in PAGES}
+
+
+def mismatches(pages: dict[str, str], figures: dict) -> list[str]:
+  """What differs between `pages` ({name: text}) and `figures`; a figure no page shows is a problem too."""
   problems = []
   for key, (pattern, _) in FIGURES.items():
-    match = re.search(pattern, readme)
-    if not match:
-      problems.append(f"{key}: README has no text matching {pattern!r}")
-    elif match.group("v") != written(key, figures[key]):
-      problems.append(f"{key}: README says {match.group('v')!r}, measured {written(key, figures[key])!r}")
+    found = False
+    for page, text in pages.items():
+      for match in re.finditer(pattern, text):
+        found = True
+        if match.group("v") != written(key, figures[key]):
+          problems.append(f"{key}: {page} says {match.group('v')!r}, measured {written(key, figures[key])!r}")
+    if not found:
+      problems.append(f"{key}: no page of {', '.join(pages)} has text matching {pattern!r}")
   return problems
 
 
-def update(readme: str, figures: dict) -> str:
+def update(text: str, figures: dict) -> str:
+  """`text` with every occurrence of every figure replaced by its value in `figures`."""
   for key, (pattern, _) in FIGURES.items():
-    match = re.search(pattern, readme)
-    if match:
-      readme = readme[:match.start("v")] + written(key, figures[key]) + readme[match.end("v"):]
-  return readme
+    # From the last occurrence backwards, so that earlier matches' offsets stay valid.
+    for match in reversed(list(re.finditer(pattern, text))):
+      text = text[:match.start("v")] + written(key, figures[key]) + text[match.end("v"):]
+  return text
+
+
+def write_pages(figures: dict):
+  for page, text in read_pages().items():
+    with open(os.path.join(REPO, page), "w") as f:
+      f.write(update(text, figures))
 
 
 def main():
-  path = os.path.join(REPO, "README.md")
-  if "--readme_only" in sys.argv:  # README from the JSON, without measuring again
-    readme = update(open(path).read(), json.load(open(JSON)))
-    with open(path, "w") as f:
-      f.write(readme)
+  if "--readme_only" in sys.argv:  # the pages from the JSON, without measuring again
+    write_pages(json.load(open(JSON)))
   elif "--check" not in sys.argv:
     figures = measure()
     with open(JSON, "w") as f:
       json.dump(figures, f, indent=2)
-    readme = update(open(path).read(), figures)
-    with open(path, "w") as f:
-      f.write(readme)
+    write_pages(figures)
     print(json.dumps(figures, indent=2))
-  problems = mismatches(open(path).read(), json.load(open(JSON)))
-  print("\n".join(problems) or "README.md matches docs/readme_figures.json")
+  problems = mismatches(read_pages(), json.load(open(JSON)))
+  print("\n".join(problems) or f"{', '.join(PAGES)} match docs/readme_figures.json")
   sys.exit(1 if problems else 0)
 
 
