@@ -210,7 +210,13 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
                    r"images, 10 classes, 16x16x1 input\nTraining 6 steps of batch 32", stderr), stderr
   assert (root / "workdir" / "checkpoints" / "6").is_dir() and (root / "workdir" / "config.json").exists()
   longer = SHORT[1:] + ("--config.total_steps=8",)
+  with pytest.raises(AssertionError, match=r"exited with 1"):  # a change to a run is refused ...
+    run(root, "python train.py", extra=longer)
+  assert not (root / "workdir" / "config_changes.json").exists()
+  longer += ("--config.allow_changes=total_steps",)  # ... unless named, and then recorded.
   out = run(root, "python train.py", extra=longer)  # the same workdir resumes, to a longer end
+  assert json.loads((root / "workdir" / "config_changes.json").read_text()) == [
+      {"step": 6, "key": "total_steps", "old": 6, "new": 8}]
   assert "Restored checkpoint from step 6" in out, out
   final = re.findall(r"Final test top-1 \(digits:test, step 8, 359 examples\): ([0-9.]+)", out)
   assert len(final) == 1, out
