@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README's Performance section in one run, sized for a short device lease: ours and
+# The GPU figures of docs/performance.md in one run, sized for a short device lease: ours and
 # timm (train + inference), ours with cuBLAS for every matmul, and where the step's time goes.
 # About 7 minutes for B/16 at batch 256 on an H100/H200 with the packages installed.
 #

@@ -1,4 +1,5 @@
-"""The benchmark scripts run and print what they promise (small settings; the real figures are in README)."""
+"""The benchmark scripts run and print what they promise (small settings; the real figures are in docs/performance.md
+ and docs/tpu.md)."""
 
 import json
 import subprocess

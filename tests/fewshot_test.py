@@ -159,4 +159,4 @@ def test_trained_features_beat_random_ones_by_a_wide_margin(trained_run):
   trained = _five_shot([f"--workdir={workdir}", "--fewshot", "--notop1"])
   random = _five_shot([f"--workdir={workdir}", "--fewshot", "--notop1", "--random_init"])
   assert trained == pytest.approx(100 * history["fewshot"][-1]["mean"]["digits"]["5"], abs=0.005)
-  assert trained > random + 10  # the README's table: the default run against random initialisation
+  assert trained > random + 10  # docs/evaluation.md's table: the default run against random initialisation
