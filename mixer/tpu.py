@@ -90,20 +90,22 @@ def topology(name: str, flag: str = "--compile_for"):
 
 
 def _folder_facts(config) -> tuple[int, tuple[int, ...], bool]:
-  """dataset_facts of a folder: dataset: its classes from a scan, the image shape from config.pp_eval on its
-  first image (a folder is not prepared for a compile)."""
+  """dataset_facts of `folder:PATH`: the classes from a scan of PATH, the image shape from config.pp_eval on its
+  first readable image (nothing is prepared for a compile)."""
   import tensorflow as tf
 
   from mixer import dataset, preprocess
   from mixer.datasets import folder
   splits = folder.scan(config.dataset[len(folder.PREFIX):])
   num_classes = config.num_classes or len(dataset.label_subset(config) or folder.class_names(splits))
-  first = next(path for examples in splits.values() for path, _ in examples)
-  try:
-    image = tf.constant(folder.image_bytes(first))
-  except ValueError as e:
-    raise ValueError(f"config.dataset={config.dataset}: {first} is {e}") from None
-  return num_classes, tuple(preprocess.get_preprocess_fn(config.pp_eval)({"image": image})["image"].shape), False
+  pp = preprocess.get_preprocess_fn(config.pp_eval)
+  for path in (path for examples in splits.values() for path, _ in examples):
+    try:
+      image = tf.constant(folder.image_bytes(path))
+    except ValueError:  # the run names it at preparation (or skips it); one readable image gives the shape.
+      continue
+    return num_classes, tuple(pp({"image": image})["image"].shape), False
+  raise ValueError(f"config.dataset={config.dataset}: no readable image")
 
 
 def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
