@@ -130,6 +130,8 @@ def test_split_layout_is_told_by_its_split_folders_and_ignores_others(tmp_path, 
   assert len(beside) == 1 and "ignored 2 folders" in beside[0] and "extra/, to_classify/" in beside[0]
   root = _files(tmp_path / "v", "train/cat/1.jpg", "train/dog/2.jpg", "validation/cat/3.jpg", "validation/dog/4.jpg")
   assert set(folder.scan(root)) == {"train", "validation"}
+  root = _files(tmp_path / "case", "Train/cat/1.jpg", "Train/dog/2.jpg", "val/cat/3.jpg", "val/dog/4.jpg")
+  assert {s: len(e) for s, e in folder.scan(root).items()} == {"train": 2, "validation": 2}
 
 
 def test_nested_hidden_and_unsupported_files_are_named_not_read(tmp_path, caplog):
@@ -158,6 +160,8 @@ def test_one_class_and_ambiguous_layouts_are_refused(tmp_path):
     folder.scan(_files(tmp_path / "one", "cat/1.jpg", "cat/2.jpg", "notes/x.txt"))
   with pytest.raises(ValueError, match=r"split/train holds images but no class folders"):
     folder.scan(_files(tmp_path / "split", "train/1.jpg", "test/2.jpg"))
+  with pytest.raises(ValueError, match=r"val/ and validation/ are one split; merge them or rename one"):
+    folder.scan(_files(tmp_path / "twice", "train/cat/1.jpg", "val/cat/2.jpg", "validation/dog/3.jpg"))
   with pytest.raises(ValueError, match=r"train holds class folders, but .* has no test/ or validation/"):
     folder.scan(_files(tmp_path / "train_only", "train/cat/1.jpg", "train/dog/2.jpg"))
   # A class named train, without test/ beside it, is a class.

@@ -2,10 +2,11 @@
 
 Layouts. PATH holds either split folders of class folders (PATH/train/cat/1.jpg, PATH/test/cat/2.png), or
 class folders only (PATH/cat/1.jpg), of which a stratified TEST_FRACTION becomes `test` and the rest `train`.
-- The split layout is recognised by its names alone: PATH/train/ beside PATH/test/ or PATH/validation/.
-  Only SPLITS are read; any other folder beside them (e.g. to_classify/) is named as ignored, never read as
-  a class. So a class-folder layout cannot have classes named both `train` and `test` (or `validation`):
-  rename one. A split folder that holds images but no class folders is refused (it looks like a class).
+- The split layout is recognised by its names alone: PATH/train/ beside PATH/test/ or PATH/validation/
+  (any case; val/ is validation/). Only those split folders are read; any other folder beside them (e.g.
+  to_classify/) is named as ignored, never read as a class. So a class-folder layout cannot have classes
+  named both `train` and `test` (or `validation`): rename one. A split folder that holds images but no class
+  folders is refused (it looks like a class), and so are two folders for one split (val/ and validation/).
 - Otherwise every folder in PATH is a class. A folder named train/ (without test/ or validation/) that holds
   no images of its own but has folders of images is refused: a split layout without a held-out split.
 - A dataset needs two classes or more. Only the images directly in a class folder are read; images further
@@ -37,12 +38,12 @@ PREFIX = "folder:"
 TEST_FRACTION = 0.2  # held out as `test` when PATH has no split folders (as the embedded digits).
 _SPLIT_SEED = 0
 EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-SPLITS = ("train", "validation", "test")  # the split folders read, in a split layout.
+SPLITS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}  # folder: split
 _SYSTEM_FILES = ("__MACOSX", "Thumbs.db", "desktop.ini")  # written by file managers: skipped like hidden files.
 _EXAMPLES = 3  # paths shown in a warning about ignored files.
 _warned = set()  # warnings already given in this process: the builder is made several times per run.
 # What a scan ignores, one warning line each.
-_BESIDE = "folders beside the split folders (only train/, validation/ and test/ are read)"
+_BESIDE = "folders beside the split folders (only train/, validation/ or val/, and test/ are read)"
 _LOOSE = "images outside class folders (they have no class)"
 _NESTED = "images in sub-folders of class folders (only the images directly in a class folder are read)"
 _NOT_IMAGES = "files that are not images (by their extension)"
@@ -100,9 +101,13 @@ class _Ignored:
       shown = ", ".join(os.path.relpath(p, self.root) + ("/" if p.endswith("/") else "") for p in paths[:_EXAMPLES])
       more = f" and {len(paths) - _EXAMPLES} more" if len(paths) > _EXAMPLES else ""
       message = f"config.dataset={PREFIX}{self.root}: ignored {len(paths)} {kind}: {shown}{more}"
-      if message not in _warned:
-        _warned.add(message)
-        logging.warning("%s", message)
+      _warn_once(message)
+
+
+def _warn_once(message: str) -> None:
+  if message not in _warned:
+    _warned.add(message)
+    logging.warning("%s", message)
 
 
 def _not_images(directory: str, files: list[str]) -> list[str]:
@@ -132,27 +137,35 @@ def scan(root: str) -> dict[str, list[tuple[str, str]]]:
   name = f"config.dataset={PREFIX}{root}"
   top, _ = _entries(root)
   ignored = _Ignored(root)
-  if "train" in top and ("test" in top or "validation" in top):
-    ignored.add(_BESIDE, [os.path.join(root, d) + "/" for d in top if d not in SPLITS])
+  folders = {}  # split: its folders
+  for d in top:
+    if d.lower() in SPLITS:
+      folders.setdefault(SPLITS[d.lower()], []).append(d)
+  if "train" in folders and ("test" in folders or "validation" in folders):
+    twice = next((f for f in folders.values() if len(f) > 1), None)
+    if twice:
+      raise ValueError(f"{name}: {' and '.join(d + '/' for d in twice)} are one split; merge them or rename one")
+    ignored.add(_BESIDE, [os.path.join(root, d) + "/" for d in top if d.lower() not in SPLITS])
     files = _entries(root)[1]
     ignored.add(_LOOSE, [os.path.join(root, f) for f in files if _is_image(f)])
     ignored.add(_NOT_IMAGES, _not_images(root, files))
     splits = {}
-    for split in (s for s in SPLITS if s in top):
-      path = os.path.join(root, split)
+    for split in (s for s in ("train", "validation", "test") if s in folders):
+      folder, = folders[split]
+      path = os.path.join(root, folder)
       if list_images(path) and not _entries(path)[0]:
         raise ValueError(f"{name}: {path} holds images but no class folders; with train/ beside test/ or "
-                         f"validation/ PATH is read as SPLIT/CLASS/IMAGE (if train/ and {split}/ are classes, "
-                         f"rename them)")
+                         f"validation/ PATH is read as SPLIT/CLASS/IMAGE (if {folder}/ is a class, rename it)")
       classes = _read_classes(path, ignored)
       splits[split] = [(image, label) for label, images in classes.items() for image in images]
     labels = {split: {label for _, label in examples} for split, examples in splits.items()}
     unseen = sorted(set().union(*labels.values()) - labels["train"])
     if unseen:
-      logging.warning("%s: classes without train images (the model cannot learn them): %s", name, ", ".join(unseen))
+      _warn_once(f"{name}: classes without train images (the model cannot learn them): {', '.join(unseen)}")
   else:
-    if "train" in top and not list_images(os.path.join(root, "train")) and _nested_images(os.path.join(root, "train")):
-      raise ValueError(f"{name}: {root}/train holds class folders, but {root} has no test/ or validation/ beside "
+    train = os.path.join(root, folders["train"][0]) if "train" in folders else None
+    if train and not list_images(train) and _nested_images(train):
+      raise ValueError(f"{name}: {train} holds class folders, but {root} has no test/ or validation/ beside "
                        f"it: add one ({root}/test/CLASS/IMAGE), or move the class folders up into {root} to hold "
                        f"out {TEST_FRACTION:.0%} of each class as test")
     classes = _read_classes(root, ignored)
