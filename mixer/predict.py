@@ -3,7 +3,8 @@
   python -m mixer.predict --workdir workdir digit.png photos/          # a directory: all its images
   python -m mixer.predict --checkpoint imagenet1k_Mixer-B_16.npz --config configs/mixer_b16_imagenet2012.py cat.jpg
   python -m mixer.predict --workdir workdir --json digit.png
-Images go through the run's eval preprocessing (config.pp_eval); class names come from its dataset.
+Images are read as a folder dataset stores them (any format Pillow opens: mixer/datasets/folder.py), then go
+through the run's eval preprocessing (config.pp_eval); class names come from its dataset.
 """
 
 import importlib.util

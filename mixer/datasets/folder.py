@@ -240,8 +240,9 @@ def image_bytes(path: str) -> bytes:
       data = f.read()
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # the first frame, fully: a truncated file fails here.
-      eight_bit = image.format == "JPEG" or (image.format == "PNG" and data[24:25] == b"\x08")  # IHDR depth
-      if image.format in ("JPEG", "PNG") and image.mode in ("L", "RGB") and eight_bit and _decodes(data):
+      # MPO: a camera's JPEG with extra frames after the first, which is all that decoders read.
+      eight_bit = image.format in ("JPEG", "MPO") or (image.format == "PNG" and data[24:25] == b"\x08")  # IHDR
+      if image.format in ("JPEG", "MPO", "PNG") and image.mode in ("L", "RGB") and eight_bit and _decodes(data):
         return data
       pixels = _pixels(image)
       out = io.BytesIO()
