@@ -3,7 +3,8 @@
   python -m mixer.predict --workdir workdir digit.png photos/          # a directory: all its images
   python -m mixer.predict --checkpoint imagenet1k_Mixer-B_16.npz --config configs/mixer_b16_imagenet2012.py cat.jpg
   python -m mixer.predict --workdir workdir --json digit.png
-Images go through the run's eval preprocessing (config.pp_eval); class names come from its dataset.
+Images are read as a folder dataset stores them (any format Pillow opens: mixer/datasets/folder.py), then go
+through the run's eval preprocessing (config.pp_eval); class names come from its dataset.
 """
 
 import importlib.util
@@ -14,18 +15,17 @@ import sys
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from mixer import cli
+from mixer import cli, errors
 
 flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint and config.json.")
 flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) instead of the workdir's checkpoint; "
                     "needs --config unless --workdir has config.json.")
-config_flags.DEFINE_config_file("config", None, "Config file (model, pp_eval, dataset for class names); "
-                                "default: the workdir's config.json.")
-flags.DEFINE_integer("top", 5, "Classes shown per image.")
+errors.define_config_file("config", None, "Config file (model, pp_eval, dataset for class names); "
+                          "default: the workdir's config.json.")
+flags.DEFINE_integer("top", 5, "Classes shown per image (1 or more).")
 flags.DEFINE_bool("json", False, "Print one JSON document instead of a table.")
-flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+flags.DEFINE_integer("batch_size", 32, "Images per forward pass (1 or more).")
 FLAGS = flags.FLAGS
 
 
@@ -96,12 +96,21 @@ def load(config, checkpoint: str):
   return model, params
 
 
+def check_counts(top: int, batch_size: int, prefix: str = "") -> None:
+  """Refuses a `top` or `batch_size` below 1 (named as `prefix`top, e.g. --top), before any work."""
+  for name, value in (("top", top), ("batch_size", batch_size)):
+    if value < 1:
+      raise ValueError(f"{prefix}{name}={value} must be 1 or more")
+
+
 def predict(config, model, params, paths: list[str], top: int, batch_size: int = 32, progress: bool = False):
   """[{"file", "top": [{"class", "index", "probability"}...]} or {"file", "error"}] for each path."""
+  check_counts(top, batch_size)
   import jax
   import tensorflow as tf
 
   from mixer import preprocess
+  from mixer.datasets import folder
   pp = preprocess.get_preprocess_fn(config.pp_eval)
   names = class_names(config, np.shape(params["head"]["kernel"])[-1])
   activation = jax.nn.sigmoid if config.loss == "sigmoid_xent" else jax.nn.softmax
@@ -125,11 +134,14 @@ def predict(config, model, params, paths: list[str], top: int, batch_size: int =
   else:
     indices = range(len(paths))
   for i in indices:
-    try:
-      image = pp({"image": tf.constant(tf.io.gfile.GFile(paths[i], "rb").read())})["image"].numpy()
-    except tf.errors.OpError as e:
+    try:  # read as a folder dataset stores it, so that any image a training run could read predicts.
+      image = pp({"image": tf.constant(folder.image_bytes(paths[i]))})["image"].numpy()
+    except ValueError as e:
+      results[i] = {"file": paths[i], "error": str(e)}
+      continue
+    except tf.errors.OpError as e:  # the preprocessing's own error (e.g. a crop larger than the image).
       reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*", "", e.message.splitlines()[0])
-      results[i] = {"file": paths[i], "error": f"not a readable image ({reason})"}
+      results[i] = {"file": paths[i], "error": f"the preprocessing failed ({reason})"}
       continue
     batch.append(image)
     where.append(i)
@@ -154,12 +166,14 @@ def format_table(results: list[dict]) -> str:
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("name the images (files or directories) to classify")
-  cli.setup_logging()
-  cli.start_backends()
   if not FLAGS.workdir and not (FLAGS.checkpoint and FLAGS.config):
     raise app.UsageError("pass --workdir, or --checkpoint with --config")
-  config = FLAGS.config or cli.load_config(FLAGS.workdir)
+  # Everything a user can get wrong is checked before the slow start (TensorFlow, JAX, the checkpoint).
+  check_counts(FLAGS.top, FLAGS.batch_size, prefix="--")
   paths = image_paths(argv[1:])
+  config = FLAGS.config or cli.load_config(FLAGS.workdir)
+  cli.setup_logging()
+  cli.start_backends()
   model, params = load(config, FLAGS.checkpoint or FLAGS.workdir)
   many = any(os.path.isdir(a) for a in argv[1:]) and not FLAGS.json
   results = predict(config, model, params, paths, FLAGS.top, FLAGS.batch_size, progress=many)
@@ -169,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -56,13 +56,23 @@ def inception_crop(size: int, area_min: float = 5, area_max: float = 100) -> Op:
 
 def decode_jpeg_and_inception_crop(size: int, area_min: float = 5, area_max: float = 100,
                                    channels: int = 3) -> Op:
-  """decode + inception_crop fused: decodes only the crop window, much cheaper on large JPEGs."""
+  """decode + inception_crop fused: decodes only the crop window, much cheaper on large JPEGs. Other formats
+  (a folder dataset stores PNG for them) are decoded whole and cropped to the same window."""
   def op(features):
-    shape = tf.image.extract_jpeg_shape(features["image"])
-    begin, crop = _crop_window(shape, _next_seed(features, "decode_jpeg_and_inception_crop"), area_min, area_max)
-    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
-    image = tf.image.decode_and_crop_jpeg(features["image"], window, channels=channels)
-    features["image"] = _resize(image, size)
+    data = features["image"]
+    seed = _next_seed(features, "decode_jpeg_and_inception_crop")
+
+    def jpeg():
+      begin, crop = _crop_window(tf.image.extract_jpeg_shape(data), seed, area_min, area_max)
+      return tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=channels)
+
+    def other():
+      image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+      begin, crop = _crop_window(tf.shape(image), seed, area_min, area_max)
+      return tf.slice(image, begin, crop)
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    features["image"] = _resize(tf.ensure_shape(image, [None, None, channels]), size)
     return features
   return op
 

@@ -76,22 +76,48 @@ def topology(name: str, flag: str = "--compile_for"):
                      f"pip install \"jax[tpu]=={jax.__version__}\"") from None
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile beside another process using libtpu.
   from jax.experimental import topologies
+
+  from mixer import cli
   try:
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name,
-                                           chip_config_name=CHIPS[generation].chip_config).devices
+    # libtpu starts here, complaining on stderr that this host is no TPU VM: filtered as other start-up noise.
+    with cli._native_stderr_filtered():
+      devices = topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                             chip_config_name=CHIPS[generation].chip_config).devices
   except RuntimeError as e:  # JaxRuntimeError
     raise ValueError(f"{flag}={name!r} is not a TPU slice libtpu knows ({str(e).splitlines()[0]}); "
                      f"e.g. {EXAMPLES}") from None
   return devices, CHIPS[generation]
 
 
+def _folder_facts(config) -> tuple[int, tuple[int, ...], bool]:
+  """dataset_facts of `folder:PATH`: the classes from a scan of PATH, the image shape from config.pp_eval on its
+  first readable image (nothing is prepared for a compile)."""
+  import tensorflow as tf
+
+  from mixer import dataset, preprocess
+  from mixer.datasets import folder
+  splits = folder.scan(config.dataset[len(folder.PREFIX):])
+  num_classes = config.num_classes or len(dataset.label_subset(config) or folder.class_names(splits))
+  pp = preprocess.get_preprocess_fn(config.pp_eval)
+  for path in (path for examples in splits.values() for path, _ in examples):
+    try:
+      image = tf.constant(folder.image_bytes(path))
+    except ValueError:  # the run names it at preparation (or skips it); one readable image gives the shape.
+      continue
+    return num_classes, tuple(pp({"image": image})["image"].shape), False
+  raise ValueError(f"config.dataset={config.dataset}: no readable image")
+
+
 def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
   """(num_classes, image shape, multi-label) without reading data: from the config, else the tfds
-  builder's metadata (known without downloading for catalogue datasets and ours)."""
+  builder's metadata (known without downloading for catalogue datasets and ours), or a folder's scan."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
   from mixer import dataset, preprocess
+  from mixer.datasets import folder
+  if folder.is_folder(config.dataset):
+    return _folder_facts(config)
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     feature = builder.info.features[config.label_key]

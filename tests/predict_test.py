@@ -1,13 +1,16 @@
 """Tests for mixer/predict.py beyond the README's commands (tests/readme_test.py runs those)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from configs import default, mixer_b16_imagenet2012
 from mixer import models, predict
-from tests.conftest import CORRUPT_IMAGE, small_config
+from tests.conftest import CORRUPT_IMAGE, REPO, small_config
 
 
 def test_imagenet_classes_get_readable_names_where_timm_has_them():
@@ -38,3 +41,34 @@ def test_unreadable_and_missing_images_are_named(digits_folder, tmp_path):
     predict.image_paths([str(tmp_path / "nothere.png")])
   with pytest.raises(ValueError, match="is a directory without images"):
     predict.image_paths([str(tmp_path)])
+
+
+def test_bad_top_and_batch_size_are_refused_before_any_work():
+  for top, batch_size, bad in ((0, 32, "top=0"), (-3, 32, "top=-3"), (5, 0, "batch_size=0")):
+    with pytest.raises(ValueError, match=f"^{bad} must be 1 or more$"):
+      predict.predict(default.get_config(), None, None, ["unread.png"], top=top, batch_size=batch_size)
+
+
+@pytest.mark.slow
+def test_command_line_errors_are_one_line_each(digits_folder, tmp_path):
+  image = f"{digits_folder}/test/one/032.png"
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "no_checkpoint").mkdir()
+  (tmp_path / "no_checkpoint" / "config.json").write_text("{}")
+  workdir = f"--workdir={tmp_path / 'no_checkpoint'}"
+  cases = {  # arguments: what the one line must say
+      (workdir, "--top=0", image): "--top=0 must be 1 or more",
+      (workdir, "--top=-3", image): "--top=-3 must be 1 or more",
+      (workdir, "--batch_size=0", image): "--batch_size=0 must be 1 or more",
+      (workdir, str(tmp_path / "missing.png")): "missing.png is not a file or directory",
+      (workdir, str(tmp_path / "empty")): "empty is a directory without images",
+      (f"--workdir={tmp_path / 'empty'}", image): "empty/config.json does not exist",
+      (workdir, image): "no orbax checkpoint in",
+      ("--checkpoint=x.npz", "--config=nope.py", image): "--config=nope.py: no such file",
+  }
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for args, message in cases.items():
+    out = subprocess.run([sys.executable, "-m", "mixer.predict", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode in (1, 2) and len(lines) == 1 and message in lines[0], (args, out.stderr[-3000:])

@@ -91,6 +91,8 @@ def test_train_py_compile_for_exits_1_naming_what_to_change():
   out = subprocess.run([sys.executable, "train.py", "--compile_for=v5e:2x2", "--config.num_classes=12000000"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1, out.stderr[-3000:]
+  for noise in ("E0000", "TPU_WORKER_HOSTNAMES", "TPU accelerator type", "Source Location Trace"):
+    assert noise not in out.stderr  # libtpu's start-up complaints on a host that is no TPU VM.
   assert "DOES NOT FIT v5e:2x2" in out.stdout and "does not fit: the compiler needs" in out.stdout
   for change in ("--config.param_sharding=fsdp", "--config.model.remat=True", "--config.grad_accum_steps=2"):
     assert change in out.stdout
@@ -101,3 +103,23 @@ def test_without_libtpu_the_error_says_how_to_install_it():
          "except ValueError as e:\n  print(e)"
   out = run_python(code, timeout=120)
   assert "--compile_for needs libtpu" in out and 'pip install "jax[tpu]==' in out
+
+
+def test_folder_datasets_give_their_classes_and_image_shape(tmp_path):
+  """--compile_for on folder:PATH: the classes from a scan, the image shape from pp_eval on one image."""
+  import numpy as np
+  from PIL import Image
+
+  from configs import default
+  from mixer import tpu
+  from tests.conftest import override
+  for label in ("cat", "dog", "owl"):
+    (tmp_path / "images" / label).mkdir(parents=True)
+    for i in range(2):
+      image = Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).convert("P")
+      image.save(tmp_path / "images" / label / f"{i}.gif")
+  config = override(default.get_config(), dataset=f"folder:{tmp_path / 'images'}", data_dir=str(tmp_path / "tfds"))
+  assert tpu.dataset_facts(config) == (3, (16, 16, 1), False)
+  assert tpu.dataset_facts(override(config, label_subset="0,2"))[0] == 2
+  assert tpu.dataset_facts(override(config, pp_eval="decode|value_range(-1, 1)"))[1] == (20, 30, 3)
+  assert not (tmp_path / "tfds").exists()  # nothing prepared
