@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from mixer import cli, errors
+from mixer import cli, errors, run_record
 
 flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint and config.json.")
 flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) instead of the workdir's checkpoint; "
@@ -58,29 +58,54 @@ def _lemmas() -> dict[str, str]:
     return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
 
 
-def class_names(config, num_classes: int) -> list[str]:
-  """The names of the model's classes: its dataset's ClassLabel names (after config.label_subset);
-  ImageNet synset ids get readable names where timm is installed; "class N" when none are known."""
-  from mixer import dataset
-  from mixer.datasets import folder
-  try:
-    if folder.is_folder(config.dataset):
-      names = folder.builder(config.dataset, config.data_dir).info.features[config.label_key].names
-    else:
-      import tensorflow_datasets as tfds
-      feature = tfds.builder(config.dataset, data_dir=config.data_dir).info.features[config.label_key]
-      names = getattr(feature, "feature", feature).names  # a Sequence of labels: its ClassLabel.
-  except Exception as e:  # noqa: BLE001 - names are a convenience; the prediction stands without them.
-    logging.warning("No class names from config.dataset=%r (%s): showing class indices", config.dataset, e)
-    return [f"class {i}" for i in range(num_classes)]
-  subset = dataset.label_subset(config)
-  names = [names[i] for i in subset] if subset is not None else list(names)
+def class_names(config, num_classes: int, workdir: str | None = None) -> list[str]:
+  """The names of the model's classes: those the run in `workdir` recorded when it started (never the dataset
+  as it is now), else its dataset's ClassLabel names (after config.label_subset); ImageNet synset ids get
+  readable names where timm is installed; "class N" when none are known."""
+  names = run_record.class_names(workdir) if workdir and os.path.isdir(workdir) else None
+  if names is not None:
+    _warn_if_folder_changed(config, names, workdir)
+  else:
+    try:
+      names = _dataset_class_names(config)
+    except Exception as e:  # noqa: BLE001 - names are a convenience; the prediction stands without them.
+      logging.warning("No class names from config.dataset=%r (%s): showing class indices", config.dataset, e)
+      return [f"class {i}" for i in range(num_classes)]
   if len(names) != num_classes:
     logging.warning("config.dataset=%r has %d classes, the model %d: showing class indices", config.dataset,
                     len(names), num_classes)
     return [f"class {i}" for i in range(num_classes)]
   lemmas = _lemmas() if names and names[0].startswith("n") and names[0][1:].isdigit() else {}
   return [f"{lemmas[n]} ({n})" if n in lemmas else n for n in names]
+
+
+def _dataset_class_names(config) -> list[str]:
+  """config.dataset's class names as they are now, after config.label_subset."""
+  from mixer import dataset
+  from mixer.datasets import folder
+  if folder.is_folder(config.dataset):
+    names = folder.class_names(folder.scan(config.dataset[len(folder.PREFIX):]))
+  else:
+    import tensorflow_datasets as tfds
+    feature = tfds.builder(config.dataset, data_dir=config.data_dir).info.features[config.label_key]
+    names = getattr(feature, "feature", feature).names  # a Sequence of labels: its ClassLabel.
+  subset = dataset.label_subset(config)
+  return [names[i] for i in subset] if subset is not None else list(names)
+
+
+def _warn_if_folder_changed(config, recorded: list[str], workdir: str) -> None:
+  """Says so when the run's image folder no longer has the classes it trained on (renamed, added, removed)."""
+  from mixer.datasets import folder
+  if not folder.is_folder(config.dataset) or not os.path.isdir(config.dataset[len(folder.PREFIX):]):
+    return
+  try:
+    now = _dataset_class_names(config)
+  except (OSError, ValueError, IndexError):  # the folder is not a dataset any more: nothing to compare.
+    return
+  if now != list(recorded):
+    logging.warning("%s no longer has the classes that the run in %s trained on (now %s; recorded in its %s: "
+                    "%s): showing the recorded names", config.dataset, workdir, now, run_record.DATASET_FILE,
+                    list(recorded))
 
 
 def load(config, checkpoint: str):
@@ -103,7 +128,8 @@ def check_counts(top: int, batch_size: int, prefix: str = "") -> None:
       raise ValueError(f"{prefix}{name}={value} must be 1 or more")
 
 
-def predict(config, model, params, paths: list[str], top: int, batch_size: int = 32, progress: bool = False):
+def predict(config, model, params, paths: list[str], top: int, batch_size: int = 32, progress: bool = False,
+            workdir: str | None = None):
   """[{"file", "top": [{"class", "index", "probability"}...]} or {"file", "error"}] for each path."""
   check_counts(top, batch_size)
   import jax
@@ -112,7 +138,7 @@ def predict(config, model, params, paths: list[str], top: int, batch_size: int =
   from mixer import preprocess
   from mixer.datasets import folder
   pp = preprocess.get_preprocess_fn(config.pp_eval)
-  names = class_names(config, np.shape(params["head"]["kernel"])[-1])
+  names = class_names(config, np.shape(params["head"]["kernel"])[-1], workdir)
   activation = jax.nn.sigmoid if config.loss == "sigmoid_xent" else jax.nn.softmax
   apply = jax.jit(lambda p, x: activation(model.apply({"params": p}, x, train=False).astype("float32")))
   results, batch, where = [None] * len(paths), [], []
@@ -174,9 +200,12 @@ def main(argv):
   config = FLAGS.config or cli.load_config(FLAGS.workdir)
   cli.setup_logging()
   cli.start_backends()
-  model, params = load(config, FLAGS.checkpoint or FLAGS.workdir)
+  checkpoint = FLAGS.checkpoint or FLAGS.workdir
+  model, params = load(config, checkpoint)
   many = any(os.path.isdir(a) for a in argv[1:]) and not FLAGS.json
-  results = predict(config, model, params, paths, FLAGS.top, FLAGS.batch_size, progress=many)
+  # Class names from the run that trained the params (a workdir's record), not from its dataset as it is now.
+  results = predict(config, model, params, paths, FLAGS.top, FLAGS.batch_size, progress=many,
+                    workdir=checkpoint if os.path.isdir(checkpoint) else None)
   print(json.dumps(results, indent=2) if FLAGS.json else format_table(results))
   if any("error" in r for r in results):
     sys.exit(1)

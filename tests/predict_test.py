@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default, mixer_b16_imagenet2012
-from mixer import models, predict
+from mixer import models, predict, run_record
 from tests.conftest import CORRUPT_IMAGE, REPO, small_config
 
 
@@ -25,6 +25,23 @@ def test_class_names_follow_label_subset_and_fall_back_to_indices(data_dir):
   config = small_config(data_dir, label_subset="5-9")
   assert predict.class_names(config, 5) == ["5", "6", "7", "8", "9"]
   assert predict.class_names(config, 3) == ["class 0", "class 1", "class 2"]  # not the dataset's model
+
+
+def test_class_names_come_from_the_run_record_not_the_folder_as_it_is_now(tmp_path, caplog):
+  from PIL import Image
+  images, workdir = tmp_path / "images", tmp_path / "workdir"
+  workdir.mkdir()
+  for name in ("cat", "dog"):
+    (images / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / name / "1.png")
+  config = small_config("unused", dataset=f"folder:{images}")
+  record = {"class_names": ["cat", "dog"], "label_subset": "", "splits": {}, "tfds_name": "folder"}
+  run_record.start(config, str(workdir), record, step=None)
+  (images / "dog").rename(images / "ant")  # sorts first: label 0 would be read as "ant" from the folder
+  with caplog.at_level("WARNING"):
+    assert predict.class_names(config, 2, str(workdir)) == ["cat", "dog"]
+  assert "no longer has the classes that the run in" in caplog.text and "['ant', 'cat']" in caplog.text
+  assert predict.class_names(config, 2) == ["ant", "cat"]  # without a run: the folder as it is
 
 
 def test_unreadable_and_missing_images_are_named(digits_folder, tmp_path):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixer import console, input_pipeline, models, optim, run_record, setup, steps, train_lib, trees
-from tests.conftest import restore_params, run_python, small_config
+from mixer import console, input_pipeline, models, optim, predict, run_record, setup, steps, train_lib, trees
+from tests.conftest import DIGIT_NAMES, restore_params, run_python, small_config
 
 
 def _step_fixture(config):
@@ -209,3 +209,5 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_fo
   (images / "test" / "seven").rename(images / "test" / "zeven")
   with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zeven\""):
     train_lib.train_and_evaluate(config, workdir)
+  # Predictions keep the names the run trained with, not the folder's new ones.
+  assert predict.class_names(config, 10, workdir) == sorted(DIGIT_NAMES)
