@@ -86,7 +86,8 @@ def load_pretrained(config, info: dataset.DatasetInfo) -> tuple[ml_collections.C
   A workdir's head kept for this dataset (config.init.new_head=False) must have been trained on its classes.
   """
   if config.init.checkpoint and not config.init.new_head:
-    check_same_classes(config.init.checkpoint, info.class_names, "config.init.checkpoint")
+    check_same_classes(config.init.checkpoint, info.class_names, "config.init.checkpoint",
+                       "Use a new head (config.init.new_head=True) or the run's own dataset.")
   patch = models.variant_kwargs(config.model.variant)["patch_size"]
   pretrained, width = transfer.load_for_grid(config.init, (info.image_shape[0] // patch, info.image_shape[1] // patch))
   if width is not None:
@@ -95,7 +96,7 @@ def load_pretrained(config, info: dataset.DatasetInfo) -> tuple[ml_collections.C
   return config, pretrained
 
 
-def check_same_classes(workdir: str, class_names, what: str) -> None:
+def check_same_classes(workdir: str, class_names, what: str, remedy: str) -> None:
   """Fails when the run recorded in `workdir` trained on other classes (or another order) than `class_names`:
   its head's outputs would be read as the wrong classes. Nothing to check for a .npz or an unrecorded run."""
   recorded = run_record.class_names(workdir) if epath.Path(workdir).is_dir() else None
@@ -103,8 +104,8 @@ def check_same_classes(workdir: str, class_names, what: str) -> None:
     differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(recorded, class_names, strict=False)) if a != b]
     raise ValueError(
         f"{what}={workdir} was trained on {len(recorded)} classes that differ from this dataset's "
-        f"{len(class_names)} ({'; '.join(differ[:5]) or 'a different count'}): its head would name the wrong "
-        f"classes. Use a new head (config.init.new_head=True) or the run's own dataset.")
+        f"{len(class_names)} ({'; '.join(differ[:5]) or 'a different count'}; recorded in its "
+        f"{run_record.DATASET_FILE}): its head would name the wrong classes. {remedy}")
 
 
 def check_workdir(workdir: str) -> None:

@@ -60,8 +60,8 @@ def test_a_live_lock_is_refused_before_the_data_is_read(tmp_path):
 def test_a_kept_head_must_have_been_trained_on_the_same_classes(tmp_path):
   record = {"class_names": ["cat", "dog"], "label_subset": "", "splits": {"train": 8}, "tfds_name": "folder"}
   run_record.start(small_config("unused"), str(tmp_path), record, step=None)
-  setup.check_same_classes(str(tmp_path), ("cat", "dog"), "config.init.checkpoint")
+  setup.check_same_classes(str(tmp_path), ("cat", "dog"), "config.init.checkpoint", "")
   for other in (("dog", "cat"), ("cat", "dog", "eel")):
     with pytest.raises(ValueError, match=r"config.init.checkpoint=.* was trained on 2 classes that differ"):
-      setup.check_same_classes(str(tmp_path), other, "config.init.checkpoint")
-  setup.check_same_classes(str(tmp_path / "model.npz"), ("eel",), "config.init.checkpoint")  # no record to check
+      setup.check_same_classes(str(tmp_path), other, "config.init.checkpoint", "")
+  setup.check_same_classes(str(tmp_path / "model.npz"), ("eel",), "config.init.checkpoint", "")  # no record
