@@ -47,15 +47,15 @@ def load_checkpoint(path: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config or cli.load_config(FLAGS.workdir)
+  # Where the results go is checked before the minutes of evaluation (and TensorFlow's and JAX's start), not after.
+  output_dir = FLAGS.output_dir or FLAGS.workdir
+  if FLAGS.output_dir:
+    cli.check_writable(output_dir, "--output_dir")
+  else:
+    cli.check_writable(output_dir, "--workdir", hint="; --output_dir=DIR writes the results elsewhere")
   cli.setup_logging()
   cli.initialize_distributed()
-  config = FLAGS.config or cli.load_config(FLAGS.workdir)
-  # Process 0 writes the results: checked before the minutes of evaluation, not after them.
-  output_dir = FLAGS.output_dir or FLAGS.workdir
-  if jax.process_index() == 0 and FLAGS.output_dir:
-    cli.check_writable(output_dir, "--output_dir")
-  elif jax.process_index() == 0:
-    cli.check_writable(output_dir, "--workdir", hint="; --output_dir=DIR writes the results elsewhere")
   # Imported here, after setup_logging: TensorFlow's start-up noise is filtered, and flag errors come at once.
   from mixer import checkpoints, evaluators, steps, train_lib, transfer
   names = selected_evals(config)

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import uuid
 
 import ml_collections
 from absl import flags, logging
@@ -158,7 +159,7 @@ def check_writable(directory: str, flag: str, hint: str = "") -> None:
   try:
     path = epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)  # local paths and gs:// alike.
-    probe = path / f".write_test_{os.getpid()}"
+    probe = path / f".write_test_{uuid.uuid4().hex[:8]}"  # each process of a job its own, on a shared directory.
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:

@@ -119,7 +119,9 @@ def _flag_error(error: Exception, values: flags.FlagValues | None = None) -> str
     return message
   argument, flag, reason = match.groups()
   kind = values[flag].parser.flag_type() if values is not None and flag in values else None
-  return f"{argument}: {flag} takes {_KINDS[kind]}" if kind in _KINDS else f"{argument}: {reason}"
+  if kind not in _KINDS:
+    return f"{argument}: {reason}"
+  return f"{argument}: {flag if '.' in flag else '--' + flag} takes {_KINDS[kind]}"  # config.KEY or --FLAG
 
 
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
