@@ -59,9 +59,10 @@ def check_config_args(name: str, default: str | None, argv: list[str]) -> None:
     return
   try:
     config = cli.load_config_file(spec, f"--{name}")
-  except (FileNotFoundError, ValueError) as e:
-    raise (e if isinstance(e, FileNotFoundError) else FlagError(str(e))) from e
-  except Exception as e:  # the config file's own code failed (a syntax error, a missing import, ...)
+  except Exception as e:
+    if str(e).startswith(f"--{name}={spec}: "):  # the loader's own one-line errors
+      raise (e if isinstance(e, FileNotFoundError) else FlagError(str(e))) from e
+    # The config file's own code failed (a syntax error, a missing import, a file it reads, ...).
     raise FlagError(f"--{name}={spec}: {type(e).__name__}: {e}") from e
   if config is None:
     raise FlagError(f"--{name}={spec}: get_config() returned None (a missing return?)")

@@ -118,3 +118,13 @@ def test_evaluate_refuses_a_read_only_workdir_before_evaluating_and_writes_to_ou
   assert (results["dataset"], results["step"], results["eval"]["num_examples"]) == ("digits", "init", 359)
   assert results["eval"]["loss"] == pytest.approx(math.log(10), rel=1e-5)  # the new head is zero: uniform
   assert os.listdir(workdir) == ["config.json"]
+
+
+def test_a_saved_config_is_read_over_the_default_file_without_the_configs_package(tmp_path, monkeypatch):
+  # mixer reads configs/default.py by path: an installed mixer has no configs/ package to import.
+  monkeypatch.setitem(sys.modules, "configs", None)  # `import configs` raises ImportError
+  monkeypatch.setitem(sys.modules, "configs.default", None)
+  (tmp_path / "config.json").write_text('{"lr": 0.5, "model": {"variant": "S/16"}}')
+  config = cli.load_config(str(tmp_path))
+  assert (config.lr, config.model.variant, config.model.dropout_rate) == (0.5, "S/16", 0.0)  # the rest: defaults
+  assert config.dataset == "digits"

@@ -56,6 +56,8 @@ ROWS = _every_config_file() + [
     (["--config="], "--config names no file: pass --config=FILE.py (or FILE.py:ARG)"),
     (["--config=README.md"], "--config=README.md: not a Python file (a config file is a .py file with get_config())"),
     (["--config={tmp}/broken.py"], "--config={tmp}/broken.py: KeyError: 'X'"),
+    (["--config={tmp}/reads.py"], "--config={tmp}/reads.py: FileNotFoundError: [Errno 2] No such file or directory: "
+     "'no_such_file.txt'"),
     (["--config={tmp}/none.py"], "--config={tmp}/none.py: get_config() returned None (a missing return?)"),
     # Keys and values (the default config when no --config is given; overrides come after the file).
     (["--config.lr=0.1", "--config.model.remat", "--noconfig.init.new_head", "--config.evals.eval.split=train",
@@ -81,6 +83,7 @@ def test_config_errors(argv, expected, tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)  # the paths are relative, as users type them.
   (tmp_path / "broken.py").write_text("def get_config():\n  return {'a': 1}['X']\n")
   (tmp_path / "none.py").write_text("def get_config():\n  pass\n")
+  (tmp_path / "reads.py").write_text("def get_config():\n  return open('no_such_file.txt').read()\n")
   argv = ["train.py", "--workdir", "/tmp/w", *(arg.format(tmp=tmp_path) for arg in argv), "--verbose"]
   expected = expected and expected.format(tmp=tmp_path)
   if expected is None:
