@@ -49,6 +49,10 @@ def check_config_args(name: str, default: str | None, argv: list[str]) -> None:
   make --NAME=FILE[:ARG] --NAME.KEY=VALUE ... fail: a missing file, one without get_config(), a bad or
   unexpected ARG, an error of the file's own code, an unknown KEY (with the nearest keys), or a VALUE that
   does not parse as the key's type."""
+  try:
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)  # --flagfile, as ml_collections reads it
+  except flags.Error as e:
+    raise FlagError(_flag_error(e)) from e
   spec, overrides, rest = _config_args(name, argv)
   if spec == "":
     raise FlagError(f"--{name} names no file: pass --{name}=FILE.py (or FILE.py:ARG)")
@@ -83,6 +87,8 @@ def _config_args(name: str, argv: list[str]) -> tuple[str | None, list[str], lis
   spec, overrides, rest = None, [], list(argv[:1])
   skip = False
   for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith((f"-{name}", f"-no{name}.")):  # absl and ml_collections take one dash too.
+      arg = "-" + arg
     if skip:
       skip = False
     elif arg.startswith(f"--{name}="):
@@ -115,6 +121,7 @@ def _unknown_key(name: str, config, overrides: list[str]) -> str | None:
 def _flag_error(error: Exception, values: flags.FlagValues | None = None) -> str:
   """absl's 'flag --x=v: reason' as '--x=v: reason', naming the type a config key takes."""
   message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  message = message.removeprefix("ERROR:: ")  # absl's prefix of a missing --flagfile
   match = re.match(r"flag (--([\w.]+)=.*?): (.*)", message)
   if not match:
     return message

@@ -40,6 +40,10 @@ ROWS = _every_config_file() + [
     # The argument's other forms.
     (["--config", "configs/mixer_jft.py:B/16"], None),
     (["--config", "configs/mixer_jft.py:x99"], f"--config=configs/mixer_jft.py:x99: {NO_VARIANT}"),
+    (["-config=configs/mixer_jft.py:x99"], f"--config=configs/mixer_jft.py:x99: {NO_VARIANT}"),
+    (["--flagfile={tmp}/flags.txt"], f"--config=configs/mixer_jft.py:x99: {NO_VARIANT}"),
+    (["--flagfile={tmp}/missing.txt"], "Unable to open flagfile: [Errno 2] No such file or directory: "
+     "'{tmp}/missing.txt'"),
     (["--config=configs/finetune_cifar10.py:b16,448"], None),
     (["--config=configs/finetune_cifar10.py:x99,448"], f"--config=configs/finetune_cifar10.py:x99,448: {NO_VARIANT}"),
     (["--config=configs/finetune_cifar10.py:b16,abc"],
@@ -83,6 +87,7 @@ def test_config_errors(argv, expected, tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)  # the paths are relative, as users type them.
   (tmp_path / "broken.py").write_text("def get_config():\n  return {'a': 1}['X']\n")
   (tmp_path / "none.py").write_text("def get_config():\n  pass\n")
+  (tmp_path / "flags.txt").write_text("--config=configs/mixer_jft.py:x99\n")
   (tmp_path / "reads.py").write_text("def get_config():\n  return open('no_such_file.txt').read()\n")
   argv = ["train.py", "--workdir", "/tmp/w", *(arg.format(tmp=tmp_path) for arg in argv), "--verbose"]
   expected = expected and expected.format(tmp=tmp_path)
