@@ -4,6 +4,7 @@ config's dataset, and/or few-shot accuracy, and any other evaluator the config l
   python evaluate.py --workdir /tmp/w                      # the run's own config (workdir/config.json)
   python evaluate.py --workdir /tmp/w --fewshot            # + the few-shot evaluators
   python evaluate.py --workdir /tmp/w --split train --notop1 --fewshot
+  python evaluate.py --workdir /shared/run --output_dir results   # a workdir this user cannot write
   python evaluate.py --checkpoint imagenet21k_Mixer-B_16.npz --config configs/mixer_b16_imagenet21k.py \
       --fewshot --notop1 --workdir /tmp/eval                # a released .npz: --config gives model and data
 Results are printed and written as JSON into the workdir (or --output_dir), each evaluator's under its name.

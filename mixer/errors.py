@@ -1,4 +1,5 @@
-"""How train.py and evaluate.py end on an error a user can fix: one line naming the flag, key or file.
+"""How train.py and evaluate.py end on an error a user can fix: one line naming the flag, key or file; exit
+status 2 for a bad flag or --config argument (checked before any work), 1 for other bad input.
 
 The full traceback is printed with --verbose (and logged at debug level).
 """
