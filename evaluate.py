@@ -4,9 +4,10 @@ config's dataset, and/or few-shot accuracy, and any other evaluator the config l
   python evaluate.py --workdir /tmp/w                      # the run's own config (workdir/config.json)
   python evaluate.py --workdir /tmp/w --fewshot            # + the few-shot evaluators
   python evaluate.py --workdir /tmp/w --split train --notop1 --fewshot
+  python evaluate.py --workdir /shared/run --output_dir results   # a workdir this user cannot write
   python evaluate.py --checkpoint imagenet21k_Mixer-B_16.npz --config configs/mixer_b16_imagenet21k.py \
       --fewshot --notop1 --workdir /tmp/eval                # a released .npz: --config gives model and data
-Results are printed and written as JSON into the workdir, each evaluator's under its name.
+Results are printed and written as JSON into the workdir (or --output_dir), each evaluator's under its name.
 """
 
 import json
@@ -17,7 +18,10 @@ from etils import epath
 
 from mixer import cli, errors
 
-flags.DEFINE_string("workdir", "workdir", "A training workdir (config.json and checkpoints/); results go here.")
+flags.DEFINE_string("workdir", "workdir", "A training workdir (config.json and checkpoints/); results go here "
+                    "unless --output_dir says otherwise.")
+flags.DEFINE_string("output_dir", None, "Where to write the results (eval_*.json); default: --workdir. For a "
+                    "workdir that cannot be written (read-only, shared).")
 flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) to evaluate instead of the "
                     "workdir's newest checkpoint; needs --config unless the workdir has config.json.")
 errors.define_config_file("config", None, "Config file; default: the workdir's config.json.")
@@ -34,7 +38,7 @@ FLAGS = flags.FLAGS
 
 
 def load_checkpoint(path: str) -> dict:
-  from mixer import params_io
+  from mixer import params_io  # as in main
   try:
     return params_io.load(path)
   except (OSError, ValueError) as e:
@@ -44,13 +48,26 @@ def load_checkpoint(path: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config or cli.load_config(FLAGS.workdir)
+  # Where the results go is checked before the minutes of evaluation (and TensorFlow's and JAX's start), not after.
+  output_dir = FLAGS.output_dir or FLAGS.workdir
+  if FLAGS.output_dir:
+    cli.check_writable(output_dir, "--output_dir")
+  else:
+    cli.check_writable(output_dir, "--workdir", hint="; --output_dir=DIR writes the results elsewhere")
   cli.setup_logging()
   cli.initialize_distributed()
+  # Imported here, after setup_logging: TensorFlow's start-up noise is filtered, and flag errors come at once.
   from mixer import checkpoints, evaluators, setup, steps, transfer
-  config = FLAGS.config or cli.load_config(FLAGS.workdir)
   names = selected_evals(config)
   mesh, builder, info = setup.setup(config)
   model = setup.create_model(config, info)
+  source = None if FLAGS.random_init else FLAGS.checkpoint or FLAGS.workdir
+  if source and FLAGS.top1 and any(config.evals[name].type == "classification" for name in names):
+    # Top-1 compares the head's outputs with this dataset's labels: they must be the classes it trained on.
+    setup.check_same_classes(source, info.class_names, "--checkpoint" if FLAGS.checkpoint else "--workdir",
+                             "Evaluate it on the dataset it trained on (its config.json), or only few-shot "
+                             "(--notop1 --fewshot).")
   init = lambda seed: steps.init_params(model, info.image_shape, seed)
   # Params laid out on the whole mesh by config.param_sharding, as a checkpoint's restore.
   abstract_params = steps.abstract_params(model, info.image_shape, mesh, config.param_sharding)
@@ -73,19 +90,20 @@ def main(argv):
   if jax.process_index() == 0:
     tags = dict.fromkeys(evaluator.file_tag() for evaluator in evals.values())  # e.g. eval_test_fewshot.json
     name = "_".join(["eval", *tags]) + ("_random_init" if FLAGS.random_init else "")
-    epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(FLAGS.workdir) / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    path = epath.Path(output_dir) / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"Results written to {path}")
 
 
 def selected_evals(config) -> list[str]:
   """The names in config.evals that the flags select; --split and --fewshot_dataset applied to them."""
-  from mixer import dataset, evaluators
+  from mixer import dataset, evaluators  # as in main
   evaluators.validate(config)
   if FLAGS.evals:
     unknown = [name for name in FLAGS.evals if name not in config.evals]
     if unknown:
-      raise ValueError(f"--evals={','.join(FLAGS.evals)}: {unknown[0]!r} is not in config.evals "
-                       f"({', '.join(config.evals)})")
+      raise errors.FlagError(f"--evals={','.join(FLAGS.evals)}: {unknown[0]!r} is not in config.evals "
+                             f"({', '.join(config.evals)})")
   wanted = {"classification": FLAGS.top1, "fewshot": FLAGS.fewshot}
   names = FLAGS.evals or [name for name, e in config.evals.items() if wanted.get(e.type, True)]
   if not names:

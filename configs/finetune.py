@@ -12,14 +12,28 @@ from configs import default, mixer_imagenet2012
 
 
 def parse(arg: str) -> tuple[str, int]:
-  """'b16' or 'b16,448' -> ('B/16', 448)."""
-  variant, _, resolution = (arg or "b16").partition(",")
-  return mixer_imagenet2012.variant(variant), int(resolution or 224)
+  """'b16' or 'b16,448' -> ('B/16', 448); a ValueError naming the valid forms for anything else."""
+  name, comma, resolution = (arg or "b16").partition(",")
+  variant = mixer_imagenet2012.variant(name)
+  if comma and not (resolution.isdigit() and int(resolution) > 0):
+    raise ValueError(f"{resolution or '(nothing)'} after the comma is not a resolution in pixels: the argument is "
+                     f"VARIANT or VARIANT,RESOLUTION (e.g. b16,448)")
+  resolution = int(resolution or 224)
+  patch = int(variant.split("/")[1])
+  if resolution % patch:
+    raise ValueError(f"resolution {resolution} is not a multiple of {variant}'s patch size {patch}")
+  return variant, resolution
 
 
 def finetune_config(arg: str, dataset: str, steps: int, train_split: str = "train",
                     test_split: str = "test") -> ml_collections.ConfigDict:
-  variant, resolution = parse(arg)
+  """The recipe for a per-dataset config's argument (see parse)."""
+  return recipe(*parse(arg), dataset=dataset, steps=steps, train_split=train_split, test_split=test_split)
+
+
+def recipe(variant: str, resolution: int, dataset: str, steps: int, train_split: str = "train",
+           test_split: str = "test") -> ml_collections.ConfigDict:
+  """The recipe for `variant` (e.g. 'B/16') at `resolution` pixels on a tfds dataset, `steps` long."""
   config = default.get_config()
   config.dataset, config.train_split, config.evals.eval.split = dataset, train_split, test_split
   config.model.variant = variant

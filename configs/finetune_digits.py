@@ -9,9 +9,8 @@ from configs import finetune
 
 
 def get_config():
-  config = finetune.finetune_config("ti4", dataset="digits", steps=60)
+  config = finetune.recipe("Ti/4", 16, dataset="digits", steps=60)
   config.label_subset = "5-9"
-  config.model.variant = "Ti/4"
   config.model.dtype = "float32"
   config.pp_train = config.pp_eval = config.evals.fewshot.pp = "decode(channels=1)|resize(16)|value_range(-1, 1)"
   config.evals.fewshot.datasets = {"digits": ("digits", "train", "test")}

@@ -10,11 +10,16 @@ import ml_collections
 
 from configs import default
 
+# What the argument may name: the paper's variants (Table 1). None or "" means b16.
+VARIANTS = ("s32", "s16", "b32", "b16", "l32", "l16", "h14")
+
 
 def variant(arg: str) -> str:
-  """'b16' -> 'B/16'."""
-  arg = arg or "b16"
-  return f"{arg[0].upper()}/{arg[1:]}"
+  """'b16' (or 'B16', 'B/16') -> 'B/16'; a ValueError naming the valid ones for anything else."""
+  name = (arg or "b16").replace("/", "").lower()
+  if name not in VARIANTS:
+    raise ValueError(f"{arg} is not a variant of this config ({', '.join(VARIANTS)})")
+  return f"{name[0].upper()}/{name[1:]}"
 
 
 def pretraining_config(arg: str) -> ml_collections.ConfigDict:

@@ -1,13 +1,16 @@
 """What the entry points share: a quiet console (library noise with --verbosity=1), multi-process start,
-the default config's path and a run's saved config."""
+config files read by path (the default one included) and a run's saved config."""
 
 import contextlib
+import importlib.util
+import inspect
 import json
 import logging as std_logging
 import os
 import re
 import sys
 import tempfile
+import uuid
 
 import ml_collections
 from absl import flags, logging
@@ -27,7 +30,7 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 
 def initialize_distributed() -> None:
   """Joins the multi-process job, if this is one: must run before any JAX computation."""
-  import jax
+  import jax  # here, not at the top: a bad flag is reported before jax's second of import time.
   if flags.FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
                                num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id)
@@ -108,19 +111,59 @@ def setup_logging() -> None:
   if not verbose():
     handler.setFormatter(_Plain())
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "1")
+  # Imported here, after TF_CPP_MIN_LOG_LEVEL is set and inside the filter: TensorFlow prints its start-up
+  # banners when it is first imported.
   with _native_stderr_filtered():
     import tensorflow as tf
+    import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX.
-  import tensorflow_datasets as tfds
   if not verbose():
     tfds.disable_progress_bar()
 
 
 def start_backends() -> None:
   """Starts JAX's backends now (after initialize_distributed), so that their start-up noise is filtered."""
-  import jax
+  import jax  # as in initialize_distributed
   with _native_stderr_filtered():
     jax.devices()
+
+
+def load_config_file(spec: str, flag: str = "--config") -> ml_collections.ConfigDict:
+  """get_config() of a config file, by path, as ml_collections' config flag reads `spec` ("file.py" or
+  "file.py:arg", the argument passed to get_config). A missing file, a file without get_config, an argument
+  to a config that takes none, and a ValueError of get_config (a bad argument) raise in one line naming
+  `flag`=`spec`; any other error of the file's own code propagates as it is."""
+  path, colon, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{flag}={spec}: no such file {os.path.abspath(path)}")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
+  if module_spec is None:
+    raise ValueError(f"{flag}={spec}: not a Python file (a config file is a .py file with get_config())")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ValueError(f"{flag}={spec}: {path} defines no get_config(), so it is not a config file")
+  takes_arg = bool(inspect.signature(get_config).parameters)
+  if colon and not takes_arg:
+    raise ValueError(f"{flag}={spec}: {path} takes no argument (pass {flag}={path})")
+  try:
+    return get_config(arg) if colon else get_config()
+  except ValueError as e:
+    raise ValueError(f"{flag}={spec}: {e}") from e
+
+
+def check_writable(directory: str, flag: str, hint: str = "") -> None:
+  """Creates `directory` (the value of `flag`, e.g. "--output_dir") if needed, and fails now, in one line
+  ending with `hint`, if no file can be written into it: before the work whose results would go there."""
+  try:
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)  # local paths and gs:// alike.
+    probe = path / f".write_test_{uuid.uuid4().hex[:8]}"  # each process of a job its own, on a shared directory.
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"{flag}={directory} is not writable: {e}{hint}") from None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -130,8 +173,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory that train.py wrote "
                             f"(or pass --config)")
   # The defaults first, so that a workdir written before a field existed still evaluates.
-  from configs import default
-  config = default.get_config()
+  config = load_config_file(DEFAULT_CONFIG)
   saved = json.loads(path.read_text())
   if "evals" in saved:  # the run's own evaluators, not the defaults' beside them.
     config.evals = ml_collections.ConfigDict(saved.pop("evals"))
