@@ -3,7 +3,10 @@
 import glob
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 from mixer import console, input_pipeline, models, optim, predict, run_record, setup, steps, train_lib, trees
-from tests.conftest import DIGIT_NAMES, restore_params, run_python, small_config
+from tests.conftest import DIGIT_NAMES, REPO, restore_params, run_python, small_config
 
 
 def _step_fixture(config):
@@ -209,5 +212,12 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_fo
   (images / "test" / "seven").rename(images / "test" / "zeven")
   with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zeven\""):
     train_lib.train_and_evaluate(config, workdir)
-  # Predictions keep the names the run trained with, not the folder's new ones.
+  # Predictions keep the names the run trained with, not the folder's new ones; top-1 against the relabelled
+  # folder is refused in one line.
   assert predict.class_names(config, 10, workdir) == sorted(DIGIT_NAMES)
+  result = subprocess.run([sys.executable, "evaluate.py", f"--workdir={workdir}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1 and "Top-1" not in result.stdout, result
+  assert re.fullmatch(r"evaluate.py: error: --workdir=\S+ was trained on 10 classes that differ from this dataset's 10 "
+                      r"\(5: 'seven' vs 'six'; .* 9: 'zero' vs 'zeven'; recorded in its dataset.json\): .*\n",
+                      result.stderr), result.stderr
