@@ -1,6 +1,8 @@
 """From a config to a run: validation, the workdir's checks, data facts, device mesh, model, pre-trained
 initialisation, and the run's record (mixer/run_record.py). train_lib, evaluate.py and the TPU check start here."""
 
+import math
+
 import jax
 import ml_collections
 import tensorflow_datasets as tfds
@@ -22,11 +24,22 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
       raise ValueError(f"config.{key}={config[key]} is not a positive multiple of the "
                        f"{num_devices} devices (and {num_processes} processes)")
   for key in _POSITIVE:
-    if not config[key] > 0:  # also NaN.
-      raise ValueError(f"config.{key}={config[key]} must be positive")
+    if not 0 < config[key] < math.inf:  # also NaN.
+      raise ValueError(f"config.{key}={config[key]} must be positive and finite")
   for key in _NON_NEGATIVE:
-    if not config[key] >= 0:
-      raise ValueError(f"config.{key}={config[key]} must be 0 or more")
+    if not 0 <= config[key] < math.inf:
+      raise ValueError(f"config.{key}={config[key]} must be 0 or more and finite")
+  for key in ("b1", "b2", "momentum"):  # decay rates: 1 or more never forgets, and diverges.
+    if not 0 <= config.optim[key] < 1:
+      raise ValueError(f"config.optim.{key}={config.optim[key]} is not in [0, 1)")
+  for key in ("shuffle_buffer", "max_labels"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be positive")
+  if config.prefetch_to_device < 0:
+    raise ValueError(f"config.prefetch_to_device={config.prefetch_to_device} must be 0 or more")
+  if config.total_steps <= 0 and not 0 < config.total_epochs < math.inf:
+    raise ValueError(f"config.total_epochs={config.total_epochs} must be positive and finite (or set "
+                     f"config.total_steps)")
   data_size = sharding.mesh_sizes(config.mesh, num_devices)["data"]  # each data shard's rows are split.
   if config.grad_accum_steps <= 0 or (config.batch_size // data_size) % config.grad_accum_steps:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} does not divide the batch of each of "

@@ -20,18 +20,30 @@ from tests.conftest import small_config
     ("grad_accum_steps", 3, r"config.grad_accum_steps=3 does not divide the batch of each of the 8 data shards, 4"),
     ("param_sharding", "embed=rows", r"config.param_sharding='embed=rows'"),
     # Values that train without an error but cannot be right: -0.1 is gradient ascent, a clip of 0 zeroes updates.
-    ("lr", -0.1, r"config.lr=-0.1 must be positive"),
+    ("lr", -0.1, r"config.lr=-0.1 must be positive and finite"),
     ("lr", 0.0, r"config.lr=0.0 must be positive"),
     ("lr", float("nan"), r"config.lr=nan must be positive"),
+    ("lr", float("inf"), r"config.lr=inf must be positive and finite"),
     ("weight_decay", -1e-4, r"config.weight_decay=-0.0001 must be 0 or more"),
     ("warmup_steps", -5, r"config.warmup_steps=-5 must be 0 or more"),
     ("grad_clip_norm", 0.0, r"config.grad_clip_norm=0.0 must be positive"),
     ("mixup", -0.2, r"config.mixup=-0.2 must be 0 or more"),
+    ("optim.b2", 1.0, r"config.optim.b2=1.0 is not in \[0, 1\)"),
+    ("optim.momentum", -0.9, r"config.optim.momentum=-0.9 is not in \[0, 1\)"),
+    ("shuffle_buffer", 0, r"config.shuffle_buffer=0 must be positive"),
+    ("max_labels", 0, r"config.max_labels=0 must be positive"),
+    ("prefetch_to_device", -1, r"config.prefetch_to_device=-1 must be 0 or more"),
 ])
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})
   with pytest.raises(ValueError, match=match):
     setup.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_a_run_length_in_epochs_must_be_finite():
+  setup.validate_config(small_config("unused", total_steps=-1, total_epochs=2.5), num_devices=8, num_processes=1)
+  with pytest.raises(ValueError, match=r"config.total_epochs=nan must be positive and finite"):
+    setup.validate_config(small_config("unused", total_steps=-1, total_epochs=float("nan")), 8, 1)
 
 
 def test_gradient_accumulation_splits_each_data_shard():
