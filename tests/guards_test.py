@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -73,3 +74,42 @@ def test_two_ctrl_c_while_busy_in_native_code_abort_at_once():
       "-c: error: aborted by a second Ctrl-C: steps since the newest complete checkpoint are lost")
   assert "finished the work" not in stdout
   assert elapsed < 2, f"exited {elapsed:.1f}s after the second Ctrl-C"
+
+
+# Process 0 is asked to stop before batch 3 (as SIGTERM would); process 1 never is. Both must abandon at the
+# same batch, the next sync point (every 4): an evaluation abandoned by one only would hang the other's
+# collectives.
+_TWO_PROCESSES = textwrap.dedent("""
+  import sys
+  import jax
+  jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={process_id})
+  from mixer import guards
+  preemption = guards.Preemption()
+
+  def batches():
+    for i in range(1, 100):
+      if i == 3 and jax.process_index() == 0:
+        preemption.signal = 15
+      yield i
+
+  done = []
+  try:
+    for batch in guards.until_stopped(batches(), lambda i: preemption.requested(i, i % 4 == 0)):
+      done.append(batch)
+  except guards.StopRequested as e:
+    print(jax.process_index(), done[-1], e, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_processes_agree_on_abandoning_an_evaluation():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  processes = [subprocess.Popen(["timeout", "-s", "KILL", "120", sys.executable, "-c",
+                                 _TWO_PROCESSES.format(port=port, process_id=i)],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  outputs = [p.communicate()[0].strip().splitlines()[-1] for p in processes]  # after gloo's own lines
+  assert outputs == ["0 3 stop requested before batch 4", "1 3 stop requested before batch 4"], outputs

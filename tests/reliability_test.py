@@ -315,7 +315,8 @@ def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, capl
   # A lock left by a killed run (its pid no longer running on this host) does not block a restart.
   (workdir / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": process.pid}))
   with caplog.at_level("WARNING"):
-    history = train_lib.train_and_evaluate(override(config, total_steps=stopped_at), str(workdir))
+    history = train_lib.train_and_evaluate(override(config, total_steps=stopped_at, allow_changes="total_steps"),
+                                           str(workdir))
   assert history["final_step"] == stopped_at
   assert f"Removing the stale lock {workdir / 'train.lock'} of host {socket.gethostname()}, pid {process.pid}" \
       in caplog.text
