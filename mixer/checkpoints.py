@@ -1,9 +1,16 @@
 """Orbax checkpoints of the train state under <workdir>/checkpoints: periodic, async, keep last K.
 
-Failed saves surface at once, damaged steps are moved aside, and the params alone restore for evaluation.
+Failed saves surface at once, in one line, damaged steps are moved aside, and the params alone restore for
+evaluation.
 """
 
+import errno
+import logging as std_logging
+import os
+import re
+import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -25,6 +32,44 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint holds arrays of another model or optimizer than the one being restored."""
 
 
+class _SaveWatch(std_logging.Filter):
+  """Orbax's background save threads log a failure (each thread its own lines, several per save) long before
+  the main thread can see it, and tensorstore then reports a traceback for each write still pending on the
+  closed event loop ("RuntimeError: Event loop is closed", hundreds on a full disk). While a save is in
+  flight, its error records mark it as failed, so that the loop stops at its next step, and go to the debug
+  log with those tracebacks: the failure is reported once, by CheckpointSaveError."""
+
+  def __init__(self):
+    super().__init__()
+    self.in_flight = self.failed = False
+    self._unraisablehook = None
+
+  def install(self) -> None:
+    if self._unraisablehook is None:
+      logging.get_absl_logger().addFilter(self)
+      self._unraisablehook, sys.unraisablehook = sys.unraisablehook, self._quiet_closed_loops
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if self.in_flight and record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+      self.failed = True
+      logging.debug("orbax, saving a checkpoint: %s", record.getMessage())
+      return False
+    return True
+
+  def _quiet_closed_loops(self, unraisable) -> None:
+    # Reported (PyErr_WriteUnraisable) by tensorstore's threads for each write whose asyncio loop a failed
+    # save has closed.
+    closed_loop = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+    if self.in_flight and closed_loop and any(frame.name == "call_soon_threadsafe"
+                                              for frame in traceback.extract_tb(unraisable.exc_traceback)):
+      logging.debug("orbax, saving a checkpoint: a pending write found its event loop closed")
+      return
+    self._unraisablehook(unraisable)
+
+
+_WATCH = _SaveWatch()
+
+
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   # The training loop decides when to save (config.checkpoint_every_steps, the last step, SIGTERM).
   # Saves go to a temporary directory that is renamed when complete: a save killed half-way leaves
@@ -32,6 +77,7 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=1, max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
+  _WATCH.install()
   return ocp.CheckpointManager(_directory(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -56,6 +102,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> bool:
   one waits forever for it in orbax's background threads.
   """
   wait_until_saved(manager)
+  _WATCH.in_flight, _WATCH.failed = True, False
   try:
     return manager.save(step, args=ocp.args.StandardSave(state), force=True)
   except OSError as e:
@@ -68,12 +115,14 @@ def wait_until_saved(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:  # orbax re-raises whatever its background thread raised.
-    raise _save_error(manager, step, e) from e
+    raise _save_error(manager, step, e) from e  # in flight still: the rest of its noise stays quiet.
+  _WATCH.in_flight = _WATCH.failed = False
 
 
 def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
-  """CheckpointSaveError if the last async save has failed; returns at once while one is being written."""
-  if not manager.is_saving_in_progress():
+  """CheckpointSaveError as soon as the async save in flight has failed; returns at once while it is being
+  written without error."""
+  if _WATCH.failed or not manager.is_saving_in_progress():
     wait_until_saved(manager)
 
 
@@ -81,9 +130,23 @@ def _save_error(manager: ocp.CheckpointManager, step: int | None, error: Excepti
   complete = [s for s in manager.all_steps() if s != step]
   newest = f"is from step {max(complete)}" if complete else "is none"
   return CheckpointSaveError(
-      f"saving checkpoint {manager.directory / str(step)} failed: {type(error).__name__}: {error}. Training "
-      f"stopped so that no more steps go unsaved; the newest complete checkpoint {newest}. Free space or fix "
-      f"the permissions of {manager.directory}, then rerun the same command to resume.")
+      f"saving the checkpoint of step {step} ({manager.directory / str(step)}) failed: {_os_error(error)}. "
+      f"Training stopped so that no more steps go unsaved; the newest complete checkpoint {newest}. Free space "
+      f"or fix the permissions of {manager.directory}, then rerun the same command to resume.")
+
+
+def _os_error(error: Exception) -> str:
+  """The OS error under a failed save, in one line: tensorstore reports one inside a long message of its own
+  (RESOURCE_EXHAUSTED: Error writing ... [os_error_code='28'])."""
+  if isinstance(error, OSError):
+    return f"{type(error).__name__}: {error}"
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    number = int(code.group(1))
+    where = re.search(r'Failed (?:writing|to write[^"]*): "([^"]+)"', str(error))
+    return (f"OSError: [Errno {number}] {os.strerror(number)} ({errno.errorcode.get(number, '?')}"
+            f"{', writing ' + where.group(1) if where else ''})")
+  return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[int | None, Any]:

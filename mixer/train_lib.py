@@ -120,6 +120,8 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
     pending = []
 
   with guards.Preemption() as preemption:
+    # An evaluation asks before each batch whether to stop; several processes agree every sync_every_steps.
+    stop_evaluation = lambda batch: preemption.requested(batch, batch % config.sync_every_steps == 0)
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(batches), rng)
@@ -134,7 +136,12 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
         jax.block_until_ready(metrics)
       for name, evaluator in evals.items():
         if evaluators.due(evaluator, step, num_steps):
-          results = evaluator.run(state.params)
+          logging.debug("Step %d: evaluating %s", step, name)
+          try:
+            results = evaluator.run(state.params, stop=stop_evaluation)
+          except guards.StopRequested:
+            logging.warning("Step %d: abandoned evaluator %s to stop", step, name)
+            break
           scalars = evaluator.scalars(results)
           writer.write_scalars(step, {f"{name}/{k}": v for k, v in scalars.items()})
           logging.info("Step %d: %s %s", step, name, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))

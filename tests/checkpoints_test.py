@@ -1,6 +1,10 @@
 """Tests for mixer/checkpoints.py: orbax save/restore of a sharded train state, keep-last-K."""
 
+import contextlib
 import os
+import shutil
+import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +74,48 @@ def test_params_restore_alone_onto_a_mesh_and_a_wrong_model_lists_the_arrays(tmp
   wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), other)
   with pytest.raises(ValueError, match=r"(?s)does not fit the model \(2 problems\).*head/bias has shape \(10,\)"):
     checkpoints.restore_params(str(tmp_path / "checkpoints"), wrong)
+
+
+# Lines that native libraries (TF, XLA, libtpu) print themselves, bypassing Python's logging.
+NATIVE_LOGS = ("W0000", "E0000", "I0000", "WARNING: All log messages", "WARNING: Logging before", "Failed to find host",
+               "=== Source Location", "learning/")
+
+
+@contextlib.contextmanager
+def full_disk(directory, size: str):
+  """Mounts a tmpfs of `size` on `directory` (None where mounting is not permitted: not root, a container)."""
+  if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                                      str(directory)], capture_output=True).returncode:
+    yield None
+    return
+  try:
+    yield directory
+  finally:
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_save_on_a_full_disk_fails_in_one_line_naming_the_step_and_the_os_error(tmp_path, capfd):
+  directory = tmp_path / "checkpoints"
+  directory.mkdir()
+  with full_disk(directory, size="64k") as made:
+    if made is None:
+      pytest.skip("needs root to mount a small tmpfs")
+    manager = checkpoints.create_manager(str(tmp_path), small_config("unused"))
+    mesh = sharding.create_mesh({"data": -1, "model": 1})
+    w = np.random.default_rng(0).normal(size=(256, 1024)).astype(np.float32)  # 1 MB that does not compress
+    state = jax.device_put({"w": w, "step": np.int32(3)}, sharding.replicated(mesh))
+    checkpoints.save(manager, 3, state)
+    with pytest.raises(checkpoints.CheckpointSaveError) as error:
+      for _ in range(1000):  # the training loop's check, each step
+        checkpoints.raise_if_save_failed(manager)
+        time.sleep(0.01)
+    message = str(error.value)
+    assert message.startswith(f"saving the checkpoint of step 3 ({directory / '3'}) failed: OSError: [Errno 28] No "
+                              f"space left on device (ENOSPC, writing {directory}"), message
+    assert "\n" not in message and "the newest complete checkpoint is none" in message
+    time.sleep(1)  # tensorstore's writes still pending when the save failed
+    with contextlib.suppress(checkpoints.CheckpointSaveError):
+      manager.close()
+  captured = capfd.readouterr()
+  assert "Event loop is closed" not in captured.err and "Traceback" not in captured.err, captured.err[-3000:]
+  assert "ERROR" not in captured.err, captured.err[-3000:]

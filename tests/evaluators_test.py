@@ -5,7 +5,7 @@ import jax
 import ml_collections
 import pytest
 
-from mixer import evaluators, setup, steps
+from mixer import evaluators, guards, setup, steps
 from tests.conftest import small_config
 
 
@@ -51,8 +51,13 @@ def test_due_every_n_steps_and_at_the_last_never_with_0():
   assert not any(evaluators.due(periodic, step, 12) for step in range(1, 13))
 
 
-def test_classification_evaluator_on_a_split_of_the_digits(data_dir):
-  config = small_config(data_dir)
+def _stop_at_call(n, asked):
+  """A stop request that says yes at its n-th call, noting what it was asked in `asked`."""
+  return lambda i: asked.append(i) or len(asked) == n
+
+
+def test_classification_evaluator_on_a_split_of_the_digits_and_a_stop_request(data_dir):
+  config = small_config(data_dir, **{"evals.fewshot.batch_size": 8})
   config.evals.train_top1 = ml_collections.ConfigDict(dict(type="classification", split="validation", every_steps=0))
   mesh, builder, info = setup.setup(config)
   model = setup.create_model(config, info)
@@ -64,8 +69,18 @@ def test_classification_evaluator_on_a_split_of_the_digits(data_dir):
   built = evaluators.from_config(config, model, mesh, sharding, builder, names=["train_top1", "eval"])
   assert list(built) == ["eval", "train_top1"]  # config order, which ConfigDict sorts.
   results = built["train_top1"].run(params)
+  assert built["train_top1"].run(params, stop=lambda i: False) == results
   assert results["split"] == "train[:100]" and results["num_examples"] == 100
   assert built["train_top1"].scalars(results) == {k: results[k] for k in ("top1", "loss", "num_examples")}
   assert built["train_top1"].summary(results, step=3) == (
       f"Top-1 (digits:train[:100], step 3, 100 examples): {results['top1']:.4f}")
   assert built["train_top1"].file_tag() == "train[_100]"
+
+  # A stop request (SIGTERM) during an evaluation is asked for before each batch (and, few-shot, before each
+  # dataset), and abandons the evaluation.
+  built.update(evaluators.from_config(config, model, mesh, sharding, builder, names=["fewshot"]))
+  for name, asked_before_stopping in (("train_top1", [1, 2, 3]), ("fewshot", [0, 1, 2, 3])):
+    asked = []
+    with pytest.raises(guards.StopRequested):
+      built[name].run(params, stop=_stop_at_call(len(asked_before_stopping), asked))
+    assert asked == asked_before_stopping, name

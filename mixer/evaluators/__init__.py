@@ -6,11 +6,14 @@ evaluate.py's JSON; `type` names a module here; `every_steps` runs it every N tr
 last (0: only from evaluate.py); the other keys are the type's own (its module's KEYS).
 
 Each type's Evaluator is built from (name, its config entry, the whole config, the model, the mesh, the
-params' sharding, the dataset's tfds builder) and has run(params) -> results (JSON-able),
+params' sharding, the dataset's tfds builder) and has run(params, stop=None) -> results (JSON-able; stop(i),
+asked before the i-th batch of each pass over a split and with i=0 between datasets, abandons the evaluation
+with guards.StopRequested when true; every process asks at the same points),
 scalars(results) -> {metric: float} (written as NAME/metric), summary(results, step) -> the text
 evaluate.py prints, and file_tag() -> what names its results in evaluate.py's JSON file name.
 """
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from mixer.evaluators import classification, fewshot
@@ -26,7 +29,7 @@ _REPLACED = {"eval_split": "config.evals.eval.split", "eval_every_steps": "confi
 class Evaluator(Protocol):
   every_steps: int
 
-  def run(self, params) -> dict[str, Any]: ...
+  def run(self, params, stop: Callable[[int], bool] | None = None) -> dict[str, Any]: ...
 
   def scalars(self, results: dict) -> dict[str, float]: ...
 

@@ -4,7 +4,9 @@ the eval preprocessing (config.pp_eval) in batches of config.eval_batch_size.
   config.evals.eval = ConfigDict(dict(type="classification", split="test", every_steps=100))
 """
 
-from mixer import dataset, input_pipeline, steps
+from collections.abc import Callable
+
+from mixer import dataset, guards, input_pipeline, steps
 
 KEYS = ("split",)
 
@@ -25,10 +27,10 @@ class Evaluator:
     self._eval_step = steps.make_eval_step(config, model, model.num_classes, params_sharding, mesh)
     self._batches = lambda: input_pipeline.eval_iterator(config, builder, mesh, self.split)
 
-  def run(self, params) -> dict:
-    """{"split", "top1", "loss", "num_examples"}."""
-    return {"split": self.split, **steps.evaluate(self._eval_step, params, self._batches(),
-                                                  sync_every=self.sync_every)}
+  def run(self, params, stop: Callable[[int], bool] | None = None) -> dict:
+    """{"split", "top1", "loss", "num_examples"}; guards.StopRequested when stop(i) is true before a batch."""
+    batches = guards.until_stopped(self._batches(), stop)
+    return {"split": self.split, **steps.evaluate(self._eval_step, params, batches, sync_every=self.sync_every)}
 
   def scalars(self, results: dict) -> dict[str, float]:
     return {k: v for k, v in results.items() if k != "split"}

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mixer import dataset, input_pipeline
+from mixer import dataset, guards, input_pipeline
 
 KEYS = ("datasets", "shots", "seeds", "l2_reg", "pp", "batch_size")
 BIAS = 100.0  # big_vision's bias feature: large, so that l2_reg barely shrinks the bias weights.
@@ -79,11 +79,14 @@ def accuracy(support: np.ndarray, support_labels: np.ndarray, test: np.ndarray, 
   return float(np.mean(regression.predict(test) == test_labels))
 
 
-def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None, sync_every: int = 16):
+def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None, sync_every: int = 16,
+            stop: Callable[[int], bool] | None = None):
   """(features, labels, indices) of every real example in `batches`, gathered from all processes.
 
   Waits for the device every `sync_every` batches (XLA:CPU meshes deadlock with too many in flight).
+  guards.StopRequested when stop(i) is true before the i-th batch.
   """
+  batches = guards.until_stopped(batches, stop)
   if progress:
     from tqdm import tqdm
     # On a terminal only: in a log file its lines would run into the results printed after it.
@@ -118,14 +121,19 @@ class Evaluator:
     del builder  # its own datasets: settings.datasets.
     self.name, self.settings, self.every_steps = name, settings, settings.every_steps
     self.data_dir, self.mesh, self.progress = config.data_dir, mesh, progress
+    self.sync_every = config.sync_every_steps
     self.features_fn = make_features_fn(model, params_sharding, mesh)
 
-  def run(self, params) -> dict:
+  def run(self, params, stop: Callable[[int], bool] | None = None) -> dict:
     """{"mean": {dataset: {shots: mean top-1}}, "seeds": {dataset: {shots: [per seed]}}, "skipped": {dataset:
-    [shots]}}: "skipped" holds the shot counts that some class of the dataset's train split cannot supply."""
+    [shots]}}: "skipped" holds the shot counts that some class of the dataset's train split cannot supply.
+
+    guards.StopRequested when stop(i) is true before a batch (or, with i=0, before a dataset)."""
     settings = self.settings
     means, per_seed, skipped = {}, {}, {}
     for name, (tfds_name, train_split, test_split) in settings.datasets.items():
+      if stop is not None and stop(0):
+        raise guards.StopRequested(f"stop requested before few-shot dataset {name}")
       builder = dataset.get_builder(_dataset_config(tfds_name, self.data_dir))  # embedded ones prepare here.
       num_classes = builder.info.features["label"].num_classes
       labels = input_pipeline.read_labels(builder, train_split)
@@ -144,10 +152,10 @@ class Evaluator:
       needed = np.unique(np.concatenate([support_indices(p, max(shot_counts)) for p in permutations]))
       train = extract(self.features_fn, params, input_pipeline.selection_iterator(
           builder, train_split, needed, settings.pp, settings.batch_size, self.mesh),
-          progress=f"{name} {train_split} features" if self.progress else None)
+          progress=f"{name} {train_split} features" if self.progress else None, sync_every=self.sync_every, stop=stop)
       test = extract(self.features_fn, params, input_pipeline.selection_iterator(
           builder, test_split, None, settings.pp, settings.batch_size, self.mesh),
-          progress=f"{name} {test_split} features" if self.progress else None)
+          progress=f"{name} {test_split} features" if self.progress else None, sync_every=self.sync_every, stop=stop)
       row = {index: i for i, index in enumerate(train[2])}
       means[name], per_seed[name] = {}, {}
       for shots in shot_counts:
