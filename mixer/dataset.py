@@ -19,13 +19,25 @@ from mixer.datasets import folder
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  num_classes: int  # after config.label_subset.
+  """A run's data facts, resolved once from the config and the dataset (get_info): what the input pipeline,
+  the evaluators, predict and the TPU check read instead of re-deriving them from the config."""
+  name: str  # config.dataset
+  train_split: str  # config.train_split, cut to config.train_percent.
+  held_out: tuple[str, str] | None  # (config key, split) of the first classification evaluator.
+  label_key: str
+  label_subset: tuple[int, ...] | None  # kept class ids, in new-label order; None keeps all.
+  multilabel: bool  # a Sequence of labels per image (JFT-style): batches carry them padded with -1.
+  max_labels: int  # multi-label only: labels kept per image.
+  class_names: tuple[str, ...]  # after label_subset, in label order.
   num_train_examples: int
   num_eval_examples: int
   min_local_train_examples: int  # the fewest train examples any process reads: sets steps per epoch.
   image_shape: tuple[int, ...]  # after the preprocessing: the model's input shape.
-  class_names: tuple[str, ...] = ()  # after config.label_subset, in label order.
   fingerprint: dict = dataclasses.field(default_factory=dict)  # what identifies the data: see fingerprint().
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
 
 
 def label_subset(config) -> list[int] | None:
@@ -92,11 +104,6 @@ def _label_feature(config, builder):
   return (feature.feature if multi else feature), multi
 
 
-def is_multilabel(config, builder) -> bool:
-  """A Sequence of labels per image (JFT-style): batches carry them padded with -1."""
-  return _label_feature(config, builder)[1]
-
-
 def held_out_split(config) -> tuple[str, str] | None:
   """(its config key, the split) of config.evals' first classification evaluator: the held-out split
   that DatasetInfo counts and eval_iterator reads by default; None without such an evaluator."""
@@ -116,23 +123,28 @@ def check_split(config, builder, key: str, split: str) -> None:
 
 
 def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
+  """The run's data facts: config.dataset's splits checked, classes named, examples counted, image shape."""
   held_out = held_out_split(config)
-  splits = {"train_split": train_split(config)}
-  if held_out:
-    splits[held_out[0]] = held_out[1]
-  for key, split in splits.items():
+  train = train_split(config)
+  for key, split in (("train_split", train), *([held_out] if held_out else [])):
     check_split(config, builder, key, split)
+  feature, multilabel = _label_feature(config, builder)
+  names = list(feature.names)
   subset = label_subset(config)
-  names = list(_label_feature(config, builder)[0].names)
   if subset is not None:
-    if is_multilabel(config, builder) or not all(0 <= c < len(names) for c in subset):
+    if multilabel or not all(0 <= c < len(names) for c in subset):
       raise ValueError(f"config.label_subset={config.label_subset!r} needs single labels in 0..{len(names) - 1}")
     names = [names[c] for c in subset]
-  train_counts = local_counts(config, builder, splits["train_split"])
-  return DatasetInfo(num_classes=len(names), num_train_examples=sum(train_counts),
-                     num_eval_examples=sum(local_counts(config, builder, held_out[1])) if held_out else 0,
-                     min_local_train_examples=min(train_counts), image_shape=image_shape(config, builder),
-                     class_names=tuple(names), fingerprint=fingerprint(config, builder, names))
+  facts = DatasetInfo(name=config.dataset, train_split=train, held_out=held_out, label_key=config.label_key,
+                      label_subset=None if subset is None else tuple(subset), multilabel=multilabel,
+                      max_labels=config.max_labels, class_names=tuple(names), num_train_examples=0,
+                      num_eval_examples=0, min_local_train_examples=0, image_shape=())
+  train_counts = local_counts(facts, builder, train)
+  return dataclasses.replace(
+      facts, num_train_examples=sum(train_counts), min_local_train_examples=min(train_counts),
+      num_eval_examples=sum(local_counts(facts, builder, held_out[1])) if held_out else 0,
+      image_shape=image_shape(config, builder, (held_out or (None, train))[1]),
+      fingerprint=fingerprint(config, builder, names))
 
 
 def fingerprint(config, builder, class_names: list[str]) -> dict:
@@ -154,24 +166,22 @@ def fingerprint(config, builder, class_names: list[str]) -> dict:
   return record
 
 
-def local_counts(config, builder, split: str) -> list[int]:
-  """How many examples of `split` each process reads (after config.label_subset)."""
+def local_counts(info: DatasetInfo, builder, split: str) -> list[int]:
+  """How many examples of `split` each process reads (after the label subset)."""
   count = jax.process_count()
-  subset = label_subset(config)
-  if subset is None:  # tfds's even split: the first n % count processes read one more.
+  if info.label_subset is None:  # tfds's even split: the first n % count processes read one more.
     n = builder.info.splits[split].num_examples
     return [n // count + (i < n % count) for i in range(count)]
   counts = []
   for i in range(count):  # counted by reading the labels: meant for small datasets.
-    ds = keep_label_subset(config, read(builder, split, process=(i, count)))
+    ds = keep_label_subset(info, read(builder, split, process=(i, count)))
     counts.append(int(ds.reduce(0, lambda n, _: n + 1)))
   return counts
 
 
-def image_shape(config, builder) -> tuple[int, ...]:
-  """The shape of one image after the eval preprocessing: the model's input shape (the training
+def image_shape(config, builder, split: str) -> tuple[int, ...]:
+  """The shape of one image of `split` after the eval preprocessing: the model's input shape (the training
   preprocessing must give the same)."""
-  split = (held_out_split(config) or (None, train_split(config)))[1]
   example = next(iter(read(builder, split, autocache=False).take(1)))
   shape = tuple(preprocess.get_preprocess_fn(config.pp_eval)({"image": example["image"]})["image"].shape)
   # The training pipeline's static output shape, traced (not run: its decode may take JPEG only).
@@ -194,14 +204,12 @@ def read(builder, split: str, shuffle_seed=None, autocache: bool = True, process
                             read_config=read_config, decoders={"image": tfds.decode.SkipDecoding()})
 
 
-def keep_label_subset(config, ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Keeps the examples of config.label_subset's classes, relabelled 0..len(subset)-1."""
-  subset = label_subset(config)
-  if subset is None:
+def keep_label_subset(info: DatasetInfo, ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Keeps the examples of the label subset's classes, relabelled 0..len(subset)-1."""
+  if info.label_subset is None:
     return ds
-  kept = tf.constant(subset, tf.int64)
+  kept, key = tf.constant(info.label_subset, tf.int64), info.label_key
 
   def relabel(example):
-    return {**example, config.label_key: tf.argmax(tf.cast(tf.equal(kept, example[config.label_key]), tf.int32),
-                                                   output_type=tf.int64)}
-  return ds.filter(lambda ex: tf.reduce_any(tf.equal(kept, ex[config.label_key]))).map(relabel)
+    return {**example, key: tf.argmax(tf.cast(tf.equal(kept, example[key]), tf.int32), output_type=tf.int64)}
+  return ds.filter(lambda ex: tf.reduce_any(tf.equal(kept, ex[key]))).map(relabel)

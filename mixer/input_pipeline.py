@@ -28,14 +28,14 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def _labels(config, multilabel: bool):
-  """Reads the config's label feature as a fixed-shape int32: a scalar, or max_labels padded with -1."""
+def _labels(info: dataset.DatasetInfo):
+  """Reads the label feature as a fixed-shape int32: a scalar, or max_labels padded with -1."""
   def get(example):
-    label = tf.cast(example[config.label_key], tf.int32)
-    if not multilabel:
+    label = tf.cast(example[info.label_key], tf.int32)
+    if not info.multilabel:
       return label
-    label = label[:config.max_labels]
-    return tf.pad(label, [[0, config.max_labels - tf.shape(label)[0]]], constant_values=-1)
+    label = label[:info.max_labels]
+    return tf.pad(label, [[0, info.max_labels - tf.shape(label)[0]]], constant_values=-1)
   return get
 
 
@@ -55,7 +55,7 @@ def _bad_image_policy(config, ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds
 
 
-def _numpy_batches(config, ds: tf.data.Dataset, split: str) -> Iterator[dict]:
+def _numpy_batches(name: str, ds: tf.data.Dataset, split: str) -> Iterator[dict]:
   """ds's batches as numpy; an image that does not decode becomes an error naming the dataset."""
   iterator = ds.as_numpy_iterator()
   while True:
@@ -64,21 +64,22 @@ def _numpy_batches(config, ds: tf.data.Dataset, split: str) -> Iterator[dict]:
     except StopIteration:
       return
     except tf.errors.InvalidArgumentError as e:
-      raise ValueError(f"an image of {config.dataset}:{split} could not be read ({e.message.splitlines()[0]}); "
+      raise ValueError(f"an image of {name}:{split} could not be read ({e.message.splitlines()[0]}); "
                        f"--config.bad_images=skip skips such images and counts them in the log") from None
 
 
-def _train_epoch(config, builder, epoch: int, skip_batches: int, per_epoch: int) -> tf.data.Dataset:
+def _train_epoch(config, builder, info: dataset.DatasetInfo, epoch: int, skip_batches: int,
+                 per_epoch: int) -> tf.data.Dataset:
   """This process's batches of one epoch from batch `skip_batches` on: `per_epoch` in all, on every process
   (processes may hold more examples than the smallest one; their extra batches are dropped)."""
   batch = local_batch_size(config.batch_size)
   seed = [config.seed, epoch]
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
-  ds = dataset.keep_label_subset(config, dataset.read(builder, dataset.train_split(config), shuffle_seed=epoch_seed))
+  ds = dataset.keep_label_subset(info, dataset.read(builder, info.train_split, shuffle_seed=epoch_seed))
   ds = ds.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
   ds = ds.enumerate().skip(skip_batches * batch)
   pp = preprocess.get_preprocess_fn(config.pp_train)
-  labels = _labels(config, dataset.is_multilabel(config, builder))
+  labels = _labels(info)
   process = jax.process_index()
 
   def prepare(index, example):
@@ -96,7 +97,7 @@ def train_iterator(config, builder, info: dataset.DatasetInfo, mesh, start_step:
   per_epoch = steps_per_epoch(config, info)
   if per_epoch == 0:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
-                     f"{info.num_train_examples} examples of {config.dataset}:{config.train_split}")
+                     f"{info.num_train_examples} examples of {info.name}:{info.train_split}")
 
   batch = local_batch_size(config.batch_size)
 
@@ -104,14 +105,14 @@ def train_iterator(config, builder, info: dataset.DatasetInfo, mesh, start_step:
     epoch, skip = divmod(start_step, per_epoch)
     skipped = 0
     while True:
-      ds = _train_epoch(config, builder, epoch, skip, per_epoch).prefetch(tf.data.AUTOTUNE)
+      ds = _train_epoch(config, builder, info, epoch, skip, per_epoch).prefetch(tf.data.AUTOTUNE)
       last = skip * batch - 1  # the position before this epoch's first example
-      for local in _numpy_batches(config, ds, dataset.train_split(config)):
+      for local in _numpy_batches(info.name, ds, info.train_split):
         position = local.pop("position")
         gap = int(position[-1]) - last - len(position)  # examples dropped as unreadable
         if gap:
           skipped += gap
-          logging.warning("Skipped %d unreadable images of %s so far", skipped, config.dataset)
+          logging.warning("Skipped %d unreadable images of %s so far", skipped, info.name)
         last = int(position[-1])
         yield local
       epoch, skip = epoch + 1, 0
@@ -119,26 +120,26 @@ def train_iterator(config, builder, info: dataset.DatasetInfo, mesh, start_step:
   return sharding.global_batches(local_batches(), mesh, config.prefetch_to_device)
 
 
-def eval_iterator(config, builder, mesh, split=None) -> Iterator[Batch]:
-  """Every example of the split (default: dataset.held_out_split's) exactly once; padding examples carry mask 0.
+def eval_iterator(config, builder, info: dataset.DatasetInfo, mesh, split=None) -> Iterator[Batch]:
+  """Every example of the split (default: the held-out split) exactly once; padding examples carry mask 0.
 
   Processes may hold a different number of examples, so each pads to the same number of batches.
   """
-  split = split or dataset.held_out_split(config)[1]
+  split = split or info.held_out[1]
   batch = local_batch_size(config.eval_batch_size)
-  counts = dataset.local_counts(config, builder, split)
+  counts = dataset.local_counts(info, builder, split)
   if min(counts) == 0:
     raise ValueError(f"split {split!r} has too few examples ({sum(counts)}) for {len(counts)} processes")
   pp = preprocess.get_preprocess_fn(config.pp_eval)
-  labels = _labels(config, dataset.is_multilabel(config, builder))
+  labels = _labels(info)
 
   def prepare(example):
     return {"image": pp({"image": example["image"]})["image"], "label": labels(example), "mask": tf.constant(1.0)}
 
-  ds = dataset.keep_label_subset(config, dataset.read(builder, split))
+  ds = dataset.keep_label_subset(info, dataset.read(builder, split))
   ds = _bad_image_policy(config, ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE))
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
-  local = _padded(_numpy_batches(config, ds, split), batch, math.ceil(max(counts) / batch))
+  local = _padded(_numpy_batches(info.name, ds, split), batch, math.ceil(max(counts) / batch))
   return sharding.global_batches(local, mesh, config.prefetch_to_device)
 
 

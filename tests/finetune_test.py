@@ -40,7 +40,7 @@ def _untuned_top1(config):
   fresh = steps.init_params(model, info.image_shape, 0)
   params = transfer.init_from_pretrained(pretrained, fresh, model, True, "test")
   eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
-  batches = input_pipeline.eval_iterator(config, builder, mesh)
+  batches = input_pipeline.eval_iterator(config, builder, info, mesh)
   return steps.evaluate(eval_step, jax.device_put(params), batches)["top1"]
 
 
@@ -109,7 +109,7 @@ def _start_top1(data_dir, checkpoint, random_token_mixing: bool):
   params = transfer.init_from_pretrained(pretrained, fresh, model, False, checkpoint)
   eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
   return steps.evaluate(eval_step, jax.device_put(params),
-                        input_pipeline.eval_iterator(config, builder, mesh))["top1"]
+                        input_pipeline.eval_iterator(config, builder, info, mesh))["top1"]
 
 
 def test_resampled_token_mixing_starts_far_above_a_random_one(data_dir, pretrained_32px):

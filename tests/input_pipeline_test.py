@@ -27,7 +27,7 @@ def test_eval_covers_the_split_exactly_once(data_dir, mesh):
   builder, info = _setup(config)
   labels = collections.Counter()
   num_batches = 0
-  for batch in input_pipeline.eval_iterator(config, builder, mesh):
+  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
     mask = np.asarray(batch["mask"]).astype(bool)
     assert batch["image"].shape == (64, 16, 16, 1)
     labels.update(np.asarray(batch["label"])[mask].tolist())
@@ -72,8 +72,8 @@ def test_an_epoch_is_the_same_number_of_batches_on_every_process(data_dir):
   config = small_config(data_dir, batch_size=64)
   builder, info = _setup(config)
   full = input_pipeline.steps_per_epoch(config, info)
-  assert sum(1 for _ in input_pipeline._train_epoch(config, builder, 0, 0, full)) == full
-  assert sum(1 for _ in input_pipeline._train_epoch(config, builder, 0, 2, full - 3)) == full - 5
+  assert sum(1 for _ in input_pipeline._train_epoch(config, builder, info, 0, 0, full)) == full
+  assert sum(1 for _ in input_pipeline._train_epoch(config, builder, info, 0, 2, full - 3)) == full - 5
 
 
 def test_each_epoch_visits_distinct_examples(data_dir, mesh):
@@ -100,7 +100,7 @@ def test_imagenet2012_config_on_mock_data(tmp_path, mesh):
   with mock_tfds("imagenet2012", str(tmp_path), {"train": 24, "validation": 24}):
     builder, info = _setup(config)
     assert info.num_classes == 1000 and info.num_train_examples == 24
-    assert dataset.image_shape(config, builder) == (224, 224, 3)
+    assert info.image_shape == (224, 224, 3)
     it = input_pipeline.train_iterator(config, builder, info, mesh)
     for _ in range(4):  # more than one epoch
       batch = next(it)
@@ -108,7 +108,7 @@ def test_imagenet2012_config_on_mock_data(tmp_path, mesh):
       image = np.asarray(batch["image"])
       assert -1.0 <= image.min() and image.max() <= 1.0
       assert np.all((0 <= np.asarray(batch["label"])) & (np.asarray(batch["label"]) < 1000))
-    masks = [float(b["mask"].sum()) for b in input_pipeline.eval_iterator(config, builder, mesh)]
+    masks = [float(b["mask"].sum()) for b in input_pipeline.eval_iterator(config, builder, info, mesh)]
     assert masks == [16.0, 8.0]
 
 
@@ -121,9 +121,9 @@ def test_folder_dataset_names_a_corrupt_image_and_skips_it_on_request(digits_fol
   builder, info = _setup(config)
   assert builder.info.features["label"].names == sorted(DIGIT_NAMES)
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 320, 80)
-  assert dataset.image_shape(config, builder) == (16, 16, 1)  # the default pp on 32px RGB PNGs
+  assert info.image_shape == (16, 16, 1)  # the default pp on 32px RGB PNGs
   labels = collections.Counter()
-  for batch in input_pipeline.eval_iterator(config, builder, mesh):
+  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
     labels.update(np.asarray(batch["label"])[np.asarray(batch["mask"]) > 0].tolist())
   assert labels == {c: 8 for c in range(10)}
   assert _setup(config)[0].data_dir == builder.data_dir  # prepared once per version of the folder
@@ -135,7 +135,7 @@ def test_label_subset_of_listed_classes_relabels_them_in_listed_order(data_dir, 
   stored = collections.Counter(int(ex["label"]) for ex in tfds.as_numpy(builder.as_dataset(split="test")))
   assert info.num_classes == 3 and info.num_eval_examples == stored[7] + stored[2] + stored[4]
   labels = collections.Counter()
-  for batch in input_pipeline.eval_iterator(config, builder, mesh):
+  for batch in input_pipeline.eval_iterator(config, builder, info, mesh):
     labels.update(np.asarray(batch["label"])[np.asarray(batch["mask"]) > 0].tolist())
   assert labels == {0: stored[7], 1: stored[2], 2: stored[4]}
 

@@ -25,7 +25,7 @@ class Evaluator:
     self.dataset, self.sync_every = config.dataset, config.sync_every_steps
     dataset.check_split(config, builder, f"evals.{name}.split", self.split)
     self._eval_step = steps.make_eval_step(config, model, model.num_classes, params_sharding, mesh)
-    self._batches = lambda: input_pipeline.eval_iterator(config, builder, mesh, self.split)
+    self._batches = lambda: input_pipeline.eval_iterator(config, builder, info, mesh, self.split)
 
   def run(self, params, stop: Callable[[int], bool] | None = None) -> dict:
     """{"split", "top1", "loss", "num_examples"}; guards.StopRequested when stop(i) is true before a batch."""

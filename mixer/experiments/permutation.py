@@ -58,7 +58,7 @@ def run(model_name: str, num_steps: int, eval_every: int, data_dir=None) -> dict
     for step in range(1, num_steps + 1):
       state, metrics = train_step(state, next(batches), jax.random.key(0))
       if step % eval_every == 0 or step == num_steps:
-        top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, mesh))["top1"]
+        top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, info, mesh))["top1"]
         curves[permutation].append((step, top1))
         logging.info("%s, %s, step %d: test top-1 %.4f", model_name, permutation, step, top1)
       elif step % config.sync_every_steps == 0:
