@@ -81,8 +81,8 @@ def main(argv):
   else:
     # Only the params are read (not the optimizer state): a third of a full restore's memory with Adam.
     step, params = checkpoints.restore_params(FLAGS.workdir, abstract_params)
-  evals = evaluators.from_config(config, model, mesh, jax.tree.map(lambda x: x.sharding, params), builder, names,
-                                 progress=True)
+  evals = evaluators.from_config(config.evals, steps.make_predict_fn(model),
+                                 setup.eval_data(config, builder, info, mesh, progress=True), names)
   results = {"dataset": config.dataset, "step": step}
   for name, evaluator in evals.items():
     results[name] = evaluator.run(params)

@@ -41,7 +41,7 @@ def main(argv):
     print(f"Preempted: stopped at step {history['preempted_at']} with a complete checkpoint in "
           f"{FLAGS.workdir}; rerun the same command to resume.")
     sys.exit(PREEMPTED_EXIT_CODE)
-  print(console.final_message(history, FLAGS.config.evals, FLAGS.config.dataset, FLAGS.workdir))
+  print(console.final_message(history, FLAGS.config.dataset, FLAGS.workdir))
 
 
 def compile_for(config, topology: str) -> int:

@@ -101,8 +101,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.allow_changes = ""
 
   config.log_every_steps = 10
-  # Wait for a step result at least this often; XLA:CPU meshes deadlock past ~32 in-flight steps.
-  config.sync_every_steps = 16
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 3
   return config

@@ -64,7 +64,6 @@ def recipe(variant: str, resolution: int, dataset: str, steps: int, train_split:
   config.mixup = 0.0
   config.total_steps = steps
   config.log_every_steps = 50
-  config.sync_every_steps = 50
   config.evals.eval.every_steps = max(steps // 10, 100)
   config.checkpoint_every_steps = max(steps // 10, 100)
   return config

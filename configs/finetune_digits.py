@@ -17,6 +17,6 @@ def get_config():
   config.shuffle_buffer = 2_000
   config.batch_size, config.eval_batch_size = 128, 256  # 719 training images.
   config.warmup_steps = 5
-  config.log_every_steps = config.sync_every_steps = 10
+  config.log_every_steps = 10
   config.evals.eval.every_steps = config.checkpoint_every_steps = 30
   return config

@@ -48,7 +48,6 @@ def pretraining_config(arg: str) -> ml_collections.ConfigDict:
   config.evals.fewshot.batch_size = 1024
   config.evals.fewshot.every_steps = 0
   config.log_every_steps = 50
-  config.sync_every_steps = 50  # accelerators do not have XLA:CPU's in-flight limit.
   config.evals.eval.every_steps = 5_000
   config.checkpoint_every_steps = 1_000
   # Layout, from the TPU compiler at batch 4096 on a v3-256 slice (benchmarks/memory.py --topologies v3:8x16

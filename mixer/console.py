@@ -65,17 +65,19 @@ class Progress:
       logging.info("%s", self.line(step, metrics))
 
 
-def final_message(history: dict, eval_names, dataset: str, workdir: str) -> str:
-  """The line a finished run ends with: the last classification result (an evaluator with "top1"), or what was
-  trained and how to evaluate it, or that there was nothing left to train."""
-  final = next((history[name][-1] for name in eval_names if history.get(name) and "top1" in history[name][-1]),
-               None)
-  if final:
-    return (f"Final test top-1 ({dataset}:{final['split']}, step {final['step']}, "
-            f"{final['num_examples']} examples): {final['top1']:.4f}")
+def final_message(history: dict, dataset: str, workdir: str) -> str:
+  """The line a finished run ends with: its headline result (the evaluator and metric that history["headline"]
+  names, at its last evaluation), or what was trained and how to evaluate it, or that nothing was left to train."""
+  name, metric = history.get("headline") or (None, None)
+  if name and history[name]:
+    final = history[name][-1]
+    where = f"{dataset}:{final['split']}, " if "split" in final else ""
+    count = f", {final['num_examples']} examples" if "num_examples" in final else ""
+    label = {"top1": "top-1"}.get(metric, metric)
+    return f"Final test {label} ({where}step {final['step']}{count}): {final[metric]:.4f}"
   evaluate = f"`python evaluate.py --workdir {workdir}`"
   if history["start_step"] >= history["final_step"]:
     return f"Nothing to train: the checkpoint in {workdir} is already at step {history['final_step']}. " \
            f"Evaluate it with {evaluate}."
-  return (f"Trained steps {history['start_step'] + 1}..{history['final_step']}; no classification evaluator ran at "
-          f"the end (config.evals). Evaluate the checkpoint in {workdir} with {evaluate}.")
+  return (f"Trained steps {history['start_step'] + 1}..{history['final_step']}; no evaluator with a headline result "
+          f"ran at the end (config.evals). Evaluate the checkpoint in {workdir} with {evaluate}.")

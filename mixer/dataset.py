@@ -39,6 +39,9 @@ class DatasetInfo:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  def check_split(self, builder, key: str, split: str) -> None:
+    check_split(self.name, builder, key, split)
+
 
 def label_subset(config) -> list[int] | None:
   """config.label_subset ("5-9" or "0,2,4"; "" for all) as the kept class ids, in new-label order."""
@@ -113,12 +116,12 @@ def held_out_split(config) -> tuple[str, str] | None:
   return None
 
 
-def check_split(config, builder, key: str, split: str) -> None:
-  """Fails, naming config.KEY, when `split` (tfds split syntax, e.g. "train[:10%]") is not one of the dataset's."""
+def check_split(name: str, builder, key: str, split: str) -> None:
+  """Fails, naming config.KEY, when `split` (tfds split syntax, e.g. "train[:10%]") is not one of dataset `name`'s."""
   try:
     builder.info.splits[split]
   except (KeyError, ValueError) as e:
-    raise ValueError(f"config.{key}={split!r} is not a split of {config.dataset!r} "
+    raise ValueError(f"config.{key}={split!r} is not a split of {name!r} "
                      f"({', '.join(builder.info.splits)}): {e}") from None
 
 
@@ -127,7 +130,7 @@ def get_info(config, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
   held_out = held_out_split(config)
   train = train_split(config)
   for key, split in (("train_split", train), *([held_out] if held_out else [])):
-    check_split(config, builder, key, split)
+    check_split(config.dataset, builder, key, split)
   feature, multilabel = _label_feature(config, builder)
   names = list(feature.names)
   subset = label_subset(config)
@@ -213,3 +216,59 @@ def keep_label_subset(info: DatasetInfo, ds: tf.data.Dataset) -> tf.data.Dataset
   def relabel(example):
     return {**example, key: tf.argmax(tf.cast(tf.equal(kept, example[key]), tf.int32), output_type=tf.int64)}
   return ds.filter(lambda ex: tf.reduce_any(tf.equal(kept, ex[key]))).map(relabel)
+
+
+def metadata_info(config) -> DatasetInfo:
+  """The facts a compile needs (classes, image shape, multi-label) without the data on disk: from the config,
+  the tfds builder's metadata (known without downloading for catalogue datasets and ours), or a folder's scan
+  (nothing is prepared). Example counts are 0 and the fingerprint empty: only get_info reads the data."""
+  subset = label_subset(config)
+  multilabel, names, shape = False, None, None
+  if folder.is_folder(config.dataset):
+    splits = folder.scan(config.dataset[len(folder.PREFIX):])
+    names = folder.class_names(splits)
+    shape = _first_readable_shape(config, (path for examples in splits.values() for path, _ in examples))
+  else:
+    try:
+      builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+      feature, multilabel = _label_feature(config, builder)
+      names = list(feature.names)
+    except Exception:  # not a tfds dataset here (e.g. JFT): the config must say.  # noqa: BLE001
+      builder, multilabel = None, config.loss == "sigmoid_xent"
+    shape = _static_shape(config, builder)
+  if config.num_classes:
+    names = [str(i) for i in range(config.num_classes)]
+  elif subset is not None:
+    names = [names[i] for i in subset] if names else [str(i) for i in subset]
+  elif names is None:
+    raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset with a {config.label_key!r} "
+                     f"feature here: set --config.num_classes")
+  held_out = held_out_split(config)
+  return DatasetInfo(name=config.dataset, train_split=train_split(config), held_out=held_out,
+                     label_key=config.label_key, label_subset=None if subset is None else tuple(subset),
+                     multilabel=multilabel, max_labels=config.max_labels, class_names=tuple(names),
+                     num_train_examples=0, num_eval_examples=0, min_local_train_examples=0, image_shape=shape)
+
+
+def _static_shape(config, builder) -> tuple[int, ...]:
+  """config.pp_eval's output shape when it ends in a fixed size; else read from one prepared image."""
+  traced = tf.data.Dataset.from_tensors({"image": tf.constant(b""), "rng": tf.constant([0, 0], tf.int64)})
+  shape = traced.map(preprocess.get_preprocess_fn(config.pp_eval)).element_spec["image"].shape
+  if shape.is_fully_defined():
+    return tuple(shape)
+  if builder is None or not builder.is_prepared():
+    raise ValueError(f"config.pp_eval={config.pp_eval!r} gives images of shape {shape}: end it with a fixed "
+                     f"size (e.g. resize(224) or central_crop(224)) or prepare the dataset")
+  return image_shape(config, builder, (held_out_split(config) or (None, train_split(config)))[1])
+
+
+def _first_readable_shape(config, paths) -> tuple[int, ...]:
+  """config.pp_eval's output shape on the first of `paths` that is a readable image."""
+  pp = preprocess.get_preprocess_fn(config.pp_eval)
+  for path in paths:
+    try:
+      image = tf.constant(folder.image_bytes(path))
+    except ValueError:  # the run names it at preparation (or skips it); one readable image gives the shape.
+      continue
+    return tuple(pp({"image": image})["image"].shape)
+  raise ValueError(f"config.dataset={config.dataset}: no readable image")

@@ -97,8 +97,9 @@ class MlpMixer(nn.Module):
   scan_blocks: bool = False  # one nn.scan over the blocks: params stacked under "MixerBlocks".
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, pre_logits: bool = False):
-    """Logits [B, num_classes]; with pre_logits=True the features the head reads, [B, hidden_dim]."""
+  def __call__(self, images, *, train: bool = False, pre_logits: bool = False, with_extras: bool = False):
+    """Logits [B, num_classes]; with pre_logits=True the features the head reads, [B, hidden_dim]; with
+    with_extras=True (logits, {"pre_logits": features}), as big_vision's models return."""
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the patch size {p}")
@@ -106,10 +107,14 @@ class MlpMixer(nn.Module):
     x = jnp.reshape(x, (x.shape[0], -1, x.shape[-1]))
     x = self._blocks(x, train)
     x = ops.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
-    x = jnp.mean(x, axis=1)
-    if self.num_classes and not pre_logits:
-      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    features = jnp.mean(x, axis=1)
+    if pre_logits or not self.num_classes:
+      logits = features
+    else:
+      logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(features)
+    if with_extras:
+      return logits.astype(jnp.float32), {"pre_logits": features.astype(jnp.float32)}
+    return logits.astype(jnp.float32)
 
   def _blocks(self, x, train: bool):
     """The MixerBlocks, looped (the released layout MixerBlock_i) or scanned, with or without remat."""

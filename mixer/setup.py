@@ -8,7 +8,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mixer import dataset, evaluators, models, run_record, sharding, steps, transfer
+from mixer import dataset, evaluators, input_pipeline, models, run_record, sharding, steps, transfer
 
 # Values that train without an error but cannot be right: a negative learning rate is gradient ascent.
 # A clip norm of 0 zeroes every update (optax.clip_by_global_norm); the loop always clips.
@@ -60,7 +60,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     raise ValueError(f"config.model.variant={config.model.variant!r}: the patch size must be positive")
   if dataset.label_subset(config) == []:
     raise ValueError(f"config.label_subset={config.label_subset!r} selects no class (FIRST-LAST needs FIRST <= LAST)")
-  for key in ("log_every_steps", "sync_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
   for key in ("max_nonfinite_steps", "max_nonfinite_total"):
@@ -84,6 +84,13 @@ def setup(config) -> tuple[jax.sharding.Mesh, tfds.core.DatasetBuilder, dataset.
   mesh = sharding.create_mesh(config.mesh)
   builder = dataset.get_builder(config)
   return mesh, builder, dataset.get_info(config, builder)
+
+
+def eval_data(config, builder, info: dataset.DatasetInfo, mesh, progress: bool = False) -> evaluators.Data:
+  """What the evaluators read of the run's data: its facts, and each split batched by config.pp_eval."""
+  return evaluators.Data(info=info, builder=builder, loss=config.loss, data_dir=config.data_dir, mesh=mesh,
+                         batches=lambda split: input_pipeline.eval_iterator(config, builder, info, mesh, split),
+                         progress=progress)
 
 
 def create_model(config, info: dataset.DatasetInfo) -> models.MlpMixer:

@@ -1,9 +1,9 @@
-"""The train state and the jitted train and eval steps over a device mesh, with mixup (on device).
+"""The train state, the jitted train step over a device mesh with mixup (on device), and the predict function.
 
 Nothing here reads data or imports TensorFlow: benchmarks and accelerator hosts use it alone.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -153,32 +153,15 @@ def make_train_step(config, model, tx, schedule, num_classes: int, state_shardin
                  out_shardings=(state_sharding, repl), donate_argnums=0)
 
 
-def make_eval_step(config, model, num_classes: int, params_sharding, mesh):
-  """(params, batch) -> sums of correct predictions, loss and real (unpadded) examples."""
-  loss_fn = LOSSES[config.loss]
-
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    targets, mask = to_targets(batch["label"], num_classes), batch["mask"]
-    return {"correct": jnp.sum(correct_at_1(logits, targets) * mask),
-            "loss": jnp.sum(loss_fn(logits, targets) * mask), "count": jnp.sum(mask)}
-
-  return jax.jit(eval_step, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+def make_predict_fn(model) -> Callable:
+  """predict(params, images) -> (logits, {"pre_logits": features}): all that evaluators see of the model, as
+  big_vision's evaluators see it. Not jitted: each evaluator jits what it computes from it."""
+  return lambda params, images: model.apply({"params": params}, images, train=False, with_extras=True)
 
 
-def evaluate(eval_step, params, batches: Iterator, sync_every: int = 16) -> dict[str, float]:
-  """Top-1 and mean loss over every example the batches hold (padding masked out).
-
-  Waits for the device every `sync_every` batches: XLA:CPU meshes deadlock with too many steps in
-  flight (an XLA:CPU collective rendezvous times out), and the host should not run unboundedly ahead anyway.
-  """
-  totals = None
-  for i, batch in enumerate(batches, 1):
-    sums = eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if i % sync_every == 0:
-      jax.block_until_ready(totals)
-  totals = jax.device_get(totals)
-  return {"top1": float(totals["correct"] / totals["count"]), "loss": float(totals["loss"] / totals["count"]),
-          "num_examples": int(totals["count"])}
+def sync_every() -> int:
+  """How many steps (or eval batches) the host may dispatch before waiting for a result. XLA:CPU with several
+  devices in one process aborts past about 32 in flight (a collective's rendezvous times out); accelerators
+  have no such limit, and waiting less often keeps their queue full. Several processes also agree on a stop
+  request only at these points."""
+  return 16 if jax.default_backend() == "cpu" and jax.device_count() > 1 else 32

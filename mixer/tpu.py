@@ -18,7 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mixer import models, optim, sharding, steps
+from mixer import dataset, models, optim, sharding, steps
+from mixer.evaluators import classification
 
 GIB = 2**30
 _STACK_ENV = "MIXER_TPU_STACK_RAISED"
@@ -89,58 +90,6 @@ def topology(name: str, flag: str = "--compile_for"):
   return devices, CHIPS[generation]
 
 
-def _folder_facts(config) -> tuple[int, tuple[int, ...], bool]:
-  """dataset_facts of `folder:PATH`: the classes from a scan of PATH, the image shape from config.pp_eval on its
-  first readable image (nothing is prepared for a compile)."""
-  import tensorflow as tf
-
-  from mixer import dataset, preprocess
-  from mixer.datasets import folder
-  splits = folder.scan(config.dataset[len(folder.PREFIX):])
-  num_classes = config.num_classes or len(dataset.label_subset(config) or folder.class_names(splits))
-  pp = preprocess.get_preprocess_fn(config.pp_eval)
-  for path in (path for examples in splits.values() for path, _ in examples):
-    try:
-      image = tf.constant(folder.image_bytes(path))
-    except ValueError:  # the run names it at preparation (or skips it); one readable image gives the shape.
-      continue
-    return num_classes, tuple(pp({"image": image})["image"].shape), False
-  raise ValueError(f"config.dataset={config.dataset}: no readable image")
-
-
-def dataset_facts(config) -> tuple[int, tuple[int, ...], bool]:
-  """(num_classes, image shape, multi-label) without reading data: from the config, else the tfds
-  builder's metadata (known without downloading for catalogue datasets and ours), or a folder's scan."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
-  from mixer import dataset, preprocess
-  from mixer.datasets import folder
-  if folder.is_folder(config.dataset):
-    return _folder_facts(config)
-  try:
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-    feature = builder.info.features[config.label_key]
-  except Exception:  # not a tfds dataset here (e.g. JFT): the config must say.
-    builder = feature = None
-  multilabel = (isinstance(feature, tfds.features.Sequence) if feature is not None
-                else config.loss == "sigmoid_xent")
-  num_classes = config.num_classes or len(dataset.label_subset(config) or ())
-  if not num_classes:
-    if feature is None:
-      raise ValueError(f"config.dataset={config.dataset!r} is not a tfds dataset with a {config.label_key!r} "
-                       f"feature here: set --config.num_classes")
-    num_classes = (feature.feature if multilabel else feature).num_classes
-  traced = tf.data.Dataset.from_tensors({"image": tf.constant(b""), "rng": tf.constant([0, 0], tf.int64)})
-  shape = traced.map(preprocess.get_preprocess_fn(config.pp_eval)).element_spec["image"].shape
-  if not shape.is_fully_defined():
-    if builder is None or not builder.is_prepared():
-      raise ValueError(f"config.pp_eval={config.pp_eval!r} gives images of shape {shape}: end it with a fixed "
-                       f"size (e.g. resize(224) or central_crop(224)) or prepare the dataset")
-    return num_classes, dataset.image_shape(config, builder), multilabel
-  return num_classes, tuple(shape), multilabel
-
-
 def _shard_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
   total = 0
@@ -185,7 +134,8 @@ def compile_for(config, name: str, eval_step: bool = True) -> dict:
   from mixer import setup  # validate_config: the same checks as a real run, on the slice's counts.
   setup.validate_config(config, len(devices), num_processes)
   mesh = sharding.create_mesh(config.mesh, devices)
-  num_classes, image_shape, multilabel = dataset_facts(config)
+  info = dataset.metadata_info(config)
+  num_classes, image_shape, multilabel = info.num_classes, info.image_shape, info.multilabel
   model = models.create_model(config.model, num_classes)
   # The run length only sets constants in the step; without data the epoch count cannot give it.
   schedule = optim.create_schedule(config, max(config.total_steps, config.warmup_steps + 1))
@@ -205,8 +155,9 @@ def compile_for(config, name: str, eval_step: bool = True) -> dict:
   train_step = steps.make_train_step(config, model, tx, schedule, num_classes, state_sharding, mesh)
   compiles = [("train", train_step, (state, train_batch, jax.random.key(0)))]
   if eval_step:
-    compiles.append(("eval", steps.make_eval_step(config, model, num_classes, state_sharding.params, mesh),
-                     (state.params, eval_batch)))
+    evaluate = classification.make_eval_step(steps.make_predict_fn(model), config.loss, num_classes, mesh,
+                                             state_sharding.params)
+    compiles.append(("eval", evaluate, (state.params, eval_batch)))
   report = {"topology": name, "devices": len(devices), "device_kind": devices[0].device_kind,
             "hosts": num_processes, "mesh": dict(mesh.shape), "variant": config.model.variant,
             "num_classes": num_classes, "image_shape": list(image_shape), "batch": config.batch_size,
@@ -238,7 +189,8 @@ def compile_inference(config, name: str, per_device_batch: int) -> dict:
   the compiler's estimate of its time, as the paper's Table 3 measures inference throughput per core."""
   devices, chip = topology(name)
   mesh = sharding.create_mesh({"data": -1, "model": 1}, devices)
-  num_classes, image_shape, _ = dataset_facts(config)
+  info = dataset.metadata_info(config)
+  num_classes, image_shape = info.num_classes, info.image_shape
   model = models.create_model(config.model, num_classes)
   params = steps.abstract_params(model, image_shape, mesh, "replicated")
   images = jax.ShapeDtypeStruct((len(devices) * per_device_batch,) + image_shape, jnp.float32,

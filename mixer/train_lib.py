@@ -81,19 +81,23 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
       config.batch_size, start_step))
   if start_step >= num_steps:  # a finished run: no input pipeline, no second TensorBoard events file.
     manager.close()
-    return {"train": [], **{name: [] for name in config.evals}, "start_step": start_step, "final_step": start_step}
+    return {"train": [], **{name: [] for name in config.evals}, "start_step": start_step, "final_step": start_step,
+            "headline": None}
 
   progress = console.Progress(num_steps, config.batch_size)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
   train_step = steps.make_train_step(config, model, tx, schedule, model.num_classes, state_sharding, mesh)
-  evals = evaluators.from_config(config, model, mesh, state_sharding.params, builder)
+  data = setup.eval_data(config, builder, info, mesh)
+  evals = evaluators.from_config(config.evals, steps.make_predict_fn(model), data)
+  headline = evaluators.headline(evals)
   batches = input_pipeline.train_iterator(config, builder, info, mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   rng = jax.random.key(config.seed + 1)
 
-  history = {"train": [], **{name: [] for name in evals}, "start_step": start_step}
+  history = {"train": [], **{name: [] for name in evals}, "start_step": start_step, "headline": headline}
+  sync_every = steps.sync_every()
   pending = []  # (step, metrics) not yet fetched from the devices.
   skipped = guards.NonFiniteCount(config, manager)
 
@@ -119,9 +123,11 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
     progress.report(last, summary)
     pending = []
 
-  with guards.Preemption() as preemption:
-    # An evaluation asks before each batch whether to stop; several processes agree every sync_every_steps.
-    stop_evaluation = lambda batch: preemption.requested(batch, batch % config.sync_every_steps == 0)
+  # No implicit host-device transfer in the loop (as big_vision): one would slow every step unseen. Batches and
+  # metrics cross explicitly (jax.make_array_from_process_local_data, jax.device_get).
+  with guards.Preemption() as preemption, jax.transfer_guard("disallow"):
+    # An evaluation asks before each batch whether to stop; several processes agree every sync_every batches.
+    stop_evaluation = lambda batch: preemption.requested(batch, batch % sync_every == 0)
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(batches), rng)
@@ -129,7 +135,7 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
       checkpoints.raise_if_save_failed(manager)
       for hook in hooks:
         hook(step)
-      sync_point = step % config.sync_every_steps == 0
+      sync_point = step % sync_every == 0
       if step % config.log_every_steps == 0 or step == num_steps:
         flush_metrics()
       elif sync_point:

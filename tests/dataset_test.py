@@ -28,17 +28,26 @@ def test_train_percent_cuts_the_train_split():
 
 
 def test_digits_info(data_dir):
+  builder, info = _setup(small_config(data_dir, label_subset="5-9", train_percent=50))
+  assert info.class_names == ("5", "6", "7", "8", "9") and info.label_subset == (5, 6, 7, 8, 9)
+  assert (info.train_split, info.held_out, info.multilabel) == ("train[:50%]", ("evals.eval.split", "test"), False)
+  assert info.image_shape == (16, 16, 1)
   builder, info = _setup(small_config(data_dir))
-  assert info.num_classes == 10
+  assert info.num_classes == 10 and info.label_subset is None
   assert info.num_train_examples + info.num_eval_examples == 1797  # all of scikit-learn's digits.
-  assert info.image_shape == dataset.image_shape(small_config(data_dir), builder) == (16, 16, 1)
+  assert info.fingerprint == {"class_names": [str(c) for c in range(10)], "label_subset": "",
+                              "splits": {"test": 359, "train": 1438}, "tfds_name": builder.info.full_name}
+  # Without the data (a compile for a TPU slice): the same facts, no counts.
+  metadata = dataset.metadata_info(small_config(data_dir))
+  assert (metadata.class_names, metadata.image_shape, metadata.held_out) == (
+      info.class_names, info.image_shape, info.held_out)
 
 
 def test_train_and_eval_preprocessing_of_different_shapes_is_an_error(data_dir):
   config = small_config(data_dir, pp_train="decode(channels=1)|inception_crop(12)|value_range(-1, 1)")
   with pytest.raises(ValueError, match=r"config.pp_train gives images of shape \(12, 12, None\), config.pp_eval "
                                        r"\(16, 16, 1\)"):
-    dataset.image_shape(config, dataset.get_builder(config))
+    dataset.image_shape(config, dataset.get_builder(config), "test")
 
 
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):

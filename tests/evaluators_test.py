@@ -62,12 +62,13 @@ def test_classification_evaluator_on_a_split_of_the_digits_and_a_stop_request(da
   mesh, builder, info = setup.setup(config)
   model = setup.create_model(config, info)
   params = jax.jit(lambda: steps.init_params(model, info.image_shape, 0))()
-  sharding = jax.tree.map(lambda x: x.sharding, params)
+  predict, data = steps.make_predict_fn(model), setup.eval_data(config, builder, info, mesh)
   with pytest.raises(ValueError, match=r"config.evals.train_top1.split='validation' is not a split of 'digits'"):
-    evaluators.from_config(config, model, mesh, sharding, builder)
+    evaluators.from_config(config.evals, predict, data)
   config.evals.train_top1.split = "train[:100]"
-  built = evaluators.from_config(config, model, mesh, sharding, builder, names=["train_top1", "eval"])
+  built = evaluators.from_config(config.evals, predict, data, names=["train_top1", "eval"])
   assert list(built) == ["eval", "train_top1"]  # config order, which ConfigDict sorts.
+  assert evaluators.headline(built) == ("eval", "top1")  # the first that declares one: the run's result
   results = built["train_top1"].run(params)
   assert built["train_top1"].run(params, stop=lambda i: False) == results
   assert results["split"] == "train[:100]" and results["num_examples"] == 100
@@ -78,7 +79,8 @@ def test_classification_evaluator_on_a_split_of_the_digits_and_a_stop_request(da
 
   # A stop request (SIGTERM) during an evaluation is asked for before each batch (and, few-shot, before each
   # dataset), and abandons the evaluation.
-  built.update(evaluators.from_config(config, model, mesh, sharding, builder, names=["fewshot"]))
+  built.update(evaluators.from_config(config.evals, predict, data, names=["fewshot"]))
+  assert built["fewshot"].headline is None
   for name, asked_before_stopping in (("train_top1", [1, 2, 3]), ("fewshot", [0, 1, 2, 3])):
     asked = []
     with pytest.raises(guards.StopRequested):

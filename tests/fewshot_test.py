@@ -96,7 +96,7 @@ def digits_setup(data_dir):
   mesh, builder, info = setup.setup(config)
   model = setup.create_model(config, info)
   params = jax.jit(lambda: steps.init_params(model, info.image_shape, 0))()
-  return config, (model, mesh, builder), params
+  return config, (model, setup.eval_data(config, builder, info, mesh)), params
 
 
 def _images_by_hand(data_dir, split: str):
@@ -109,9 +109,8 @@ def _images_by_hand(data_dir, split: str):
 
 
 def test_evaluator_on_the_digits_is_the_formula_on_the_models_features(data_dir, digits_setup):
-  config, (model, mesh, builder), params = digits_setup
-  evaluator = evaluators.from_config(config, model, mesh, jax.tree.map(lambda x: x.sharding, params), builder,
-                                     names=["fewshot"])
+  config, (model, data), params = digits_setup
+  evaluator = evaluators.from_config(config.evals, steps.make_predict_fn(model), data, names=["fewshot"])
   results = evaluator["fewshot"].run(params)
   assert results["skipped"] == {"digits": [1000]}
   train, test = _images_by_hand(data_dir, "train"), _images_by_hand(data_dir, "test")

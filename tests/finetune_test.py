@@ -7,7 +7,8 @@ import jax
 import pytest
 
 from configs import finetune_digits
-from mixer import cli, input_pipeline, params_io, setup, steps, train_lib, transfer
+from mixer import cli, params_io, setup, steps, train_lib, transfer
+from mixer.evaluators import classification
 from tests.conftest import override, restore_params, small_config
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def _finetune_config(data_dir, checkpoint, **overrides):
   config = finetune_digits.get_config()
   config.data_dir, config.init.checkpoint = data_dir, checkpoint
   config.total_steps, config.batch_size, config.warmup_steps = 60, 64, 5
-  config.log_every_steps = config.sync_every_steps = 10
+  config.log_every_steps = 10
   config.evals.eval.every_steps = config.checkpoint_every_steps = 60
   return override(config, **overrides)
 
@@ -39,9 +40,13 @@ def _untuned_top1(config):
   model = setup.create_model(config, info)
   fresh = steps.init_params(model, info.image_shape, 0)
   params = transfer.init_from_pretrained(pretrained, fresh, model, True, "test")
-  eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
-  batches = input_pipeline.eval_iterator(config, builder, info, mesh)
-  return steps.evaluate(eval_step, jax.device_put(params), batches)["top1"]
+  return _top1(config, builder, info, mesh, model, params)
+
+
+def _top1(config, builder, info, mesh, model, params) -> float:
+  evaluator = classification.Evaluator("eval", config.evals.eval, steps.make_predict_fn(model),
+                                       setup.eval_data(config, builder, info, mesh))
+  return evaluator.run(jax.device_put(params))["top1"]
 
 
 def test_finetune_from_our_workdir_beats_the_untuned_head(data_dir, pretrained, tmp_path):
@@ -107,9 +112,7 @@ def _start_top1(data_dir, checkpoint, random_token_mixing: bool):
     pretrained = {k: {**v, "token_mixing": jax.device_get(fresh[k]["token_mixing"])} if k.startswith("MixerBlock_")
                   else v for k, v in pretrained.items()}
   params = transfer.init_from_pretrained(pretrained, fresh, model, False, checkpoint)
-  eval_step = steps.make_eval_step(config, model, model.num_classes, jax.tree.map(lambda x: x.sharding, fresh), mesh)
-  return steps.evaluate(eval_step, jax.device_put(params),
-                        input_pipeline.eval_iterator(config, builder, info, mesh))["top1"]
+  return _top1(config, builder, info, mesh, model, params)
 
 
 def test_resampled_token_mixing_starts_far_above_a_random_one(data_dir, pretrained_32px):

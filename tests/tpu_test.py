@@ -111,7 +111,7 @@ def test_folder_datasets_give_their_classes_and_image_shape(tmp_path):
   from PIL import Image
 
   from configs import default
-  from mixer import tpu
+  from mixer import dataset
   from tests.conftest import override
   for label in ("cat", "dog", "owl"):
     (tmp_path / "images" / label).mkdir(parents=True)
@@ -119,7 +119,8 @@ def test_folder_datasets_give_their_classes_and_image_shape(tmp_path):
       image = Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).convert("P")
       image.save(tmp_path / "images" / label / f"{i}.gif")
   config = override(default.get_config(), dataset=f"folder:{tmp_path / 'images'}", data_dir=str(tmp_path / "tfds"))
-  assert tpu.dataset_facts(config) == (3, (16, 16, 1), False)
-  assert tpu.dataset_facts(override(config, label_subset="0,2"))[0] == 2
-  assert tpu.dataset_facts(override(config, pp_eval="decode|value_range(-1, 1)"))[1] == (20, 30, 3)
+  info = dataset.metadata_info(config)
+  assert (info.num_classes, info.image_shape, info.multilabel) == (3, (16, 16, 1), False)
+  assert dataset.metadata_info(override(config, label_subset="0,2")).num_classes == 2
+  assert dataset.metadata_info(override(config, pp_eval="decode|value_range(-1, 1)")).image_shape == (20, 30, 3)
   assert not (tmp_path / "tfds").exists()  # nothing prepared

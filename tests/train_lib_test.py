@@ -129,7 +129,7 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
     assert json.load(f)["total_steps"] == 30
 
   config.total_steps = 40  # a longer run from the same workdir continues from step 30, once allowed.
-  with pytest.raises(run_record.RunChangedError, match=r"at step 30 .*total_steps: 30 -> 40"):
+  with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 30 .*total_steps: 30 -> 40"):
     train_lib.train_and_evaluate(config, workdir)
   config.allow_changes = "total_steps"
   resumed = train_lib.train_and_evaluate(config, workdir)
@@ -200,11 +200,12 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_fo
   config = small_config(data_dir, dataset=f"folder:{images}", total_steps=2, warmup_steps=1, bad_images="skip",
                         **{"evals.eval.every_steps": 0})
   history = train_lib.train_and_evaluate(config, workdir)
-  assert console.final_message(history, config.evals, config.dataset, workdir).startswith(
-      f"Trained steps 1..2; no classification evaluator ran at the end (config.evals). Evaluate the checkpoint in "
-      f"{workdir} with `python evaluate.py --workdir {workdir}`")
+  assert history["headline"] == ("eval", "top1")  # declared by the classification evaluator
+  assert console.final_message(history, config.dataset, workdir).startswith(
+      f"Trained steps 1..2; no evaluator with a headline result ran at the end (config.evals). Evaluate the "
+      f"checkpoint in {workdir} with `python evaluate.py --workdir {workdir}`")
   again = train_lib.train_and_evaluate(config, workdir)
-  assert console.final_message(again, config.evals, config.dataset, workdir).startswith(
+  assert console.final_message(again, config.dataset, workdir).startswith(
       f"Nothing to train: the checkpoint in {workdir} is already at step 2")
   assert run_record.class_names(workdir) == sorted(os.listdir(images / "train"))
 

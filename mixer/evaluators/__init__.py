@@ -5,29 +5,46 @@ An entry's name is its TensorBoard prefix (eval/top1) and its key in the trainin
 evaluate.py's JSON; `type` names a module here; `every_steps` runs it every N training steps and at the
 last (0: only from evaluate.py); the other keys are the type's own (its module's KEYS).
 
-Each type's Evaluator is built from (name, its config entry, the whole config, the model, the mesh, the
-params' sharding, the dataset's tfds builder) and has run(params, stop=None) -> results (JSON-able; stop(i),
-asked before the i-th batch of each pass over a split and with i=0 between datasets, abandons the evaluation
-with guards.StopRequested when true; every process asks at the same points),
-scalars(results) -> {metric: float} (written as NAME/metric), summary(results, step) -> the text
+Each type's Evaluator is built from (name, its config entry, predict, data): `predict(params, images) ->
+(logits, {"pre_logits": ...})` is all it sees of the model, and `data` (Data below) the run's dataset. It has
+run(params, stop=None) -> results (JSON-able), scalars(results) -> {metric: float} (written as NAME/metric),
+`headline`: the metric that is the run's result (None when it has none), summary(results, step) -> the text
 evaluate.py prints, and file_tag() -> what names its results in evaluate.py's JSON file name.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import jax
+import tensorflow_datasets as tfds
+
+from mixer import dataset
 from mixer.evaluators import classification, fewshot
 
 TYPES = {"classification": classification, "fewshot": fewshot}
 # Taken by the training metrics (train/...), the training history and evaluate.py's JSON.
-RESERVED_NAMES = ("train", "step", "dataset", "final_step", "preempted_at", "signal")
+RESERVED_NAMES = ("train", "step", "dataset", "start_step", "final_step", "headline", "preempted_at", "signal")
 # Config keys that config.evals replaced: a config.json from before then fails with this hint.
 _REPLACED = {"eval_split": "config.evals.eval.split", "eval_every_steps": "config.evals.eval.every_steps",
              "fewshot": "config.evals.fewshot"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The run's data as evaluators read it: its facts, its builder, and every example of a split in batches."""
+  info: dataset.DatasetInfo
+  builder: tfds.core.DatasetBuilder
+  batches: Callable[[str], Iterator[dict]]  # split -> global batches (config.pp_eval), each example once, "mask"
+  loss: str  # config.loss: how the run scores its logits (softmax_xent, sigmoid_xent)
+  data_dir: str | None  # where other tfds datasets are prepared (few-shot's)
+  mesh: jax.sharding.Mesh
+  progress: bool = False  # progress bars, for evaluate.py on a terminal
+
+
 class Evaluator(Protocol):
   every_steps: int
+  headline: str | None
 
   def run(self, params, stop: Callable[[int], bool] | None = None) -> dict[str, Any]: ...
 
@@ -63,13 +80,15 @@ def validate(config) -> None:
     TYPES[kind].validate(settings, where)
 
 
-def from_config(config, model, mesh, params_sharding, builder, names=None, progress: bool = False
-                ) -> dict[str, Evaluator]:
-  """The evaluators of config.evals (only `names` when given, in config order) for the model on the mesh."""
-  validate(config)
-  return {name: TYPES[settings.type].Evaluator(name, settings, config, model, mesh, params_sharding, builder,
-                                               progress=progress)
-          for name, settings in config.evals.items() if names is None or name in names}
+def from_config(evals_config, predict: Callable, data: Data, names=None) -> dict[str, Evaluator]:
+  """The evaluators of config.evals (only `names` when given, in config order)."""
+  return {name: TYPES[settings.type].Evaluator(name, settings, predict, data)
+          for name, settings in evals_config.items() if names is None or name in names}
+
+
+def headline(evaluators: dict[str, Evaluator]) -> tuple[str, str] | None:
+  """(name, metric) of the run's result: the first evaluator that declares a headline metric."""
+  return next(((name, e.headline) for name, e in evaluators.items() if e.headline), None)
 
 
 def due(evaluator: Evaluator, step: int, last_step: int) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mixer import dataset, guards, input_pipeline
+from mixer import dataset, guards, input_pipeline, steps
 
 KEYS = ("datasets", "shots", "seeds", "l2_reg", "pp", "batch_size")
 BIAS = 100.0  # big_vision's bias feature: large, so that l2_reg barely shrinks the bias weights.
@@ -79,11 +79,11 @@ def accuracy(support: np.ndarray, support_labels: np.ndarray, test: np.ndarray, 
   return float(np.mean(regression.predict(test) == test_labels))
 
 
-def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None, sync_every: int = 16,
+def extract(features_fn: Callable, params, batches: Iterable, progress: str | None = None,
             stop: Callable[[int], bool] | None = None):
   """(features, labels, indices) of every real example in `batches`, gathered from all processes.
 
-  Waits for the device every `sync_every` batches (XLA:CPU meshes deadlock with too many in flight).
+  Waits for the device every steps.sync_every() batches (XLA:CPU meshes deadlock with too many in flight).
   guards.StopRequested when stop(i) is true before the i-th batch.
   """
   batches = guards.until_stopped(batches, stop)
@@ -91,10 +91,10 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
     from tqdm import tqdm
     # On a terminal only: in a log file its lines would run into the results printed after it.
     batches = tqdm(batches, desc=progress, leave=False, disable=True if jax.process_index() > 0 else None)
-  outputs = []
+  outputs, every = [], steps.sync_every()
   for i, batch in enumerate(batches, 1):
     outputs.append((features_fn(params, batch["image"]), batch["label"], batch["index"], batch["mask"]))
-    if i % sync_every == 0:
+    if i % every == 0:
       jax.block_until_ready(outputs[-1][0])
   features, labels, indices, mask = (np.concatenate([np.asarray(multihost_utils.process_allgather(o[i], tiled=True))
                                                      for o in outputs]) for i in range(4))
@@ -103,26 +103,22 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
   return features[keep][order], labels[keep][order], indices[keep][order]
 
 
-def make_features_fn(model, params_sharding, mesh):
+def make_features_fn(predict: Callable, mesh):
   """Jitted pre-logit features (after the head LayerNorm and mean pooling) over the whole mesh."""
   from mixer import sharding
-
-  def features(params, images):
-    return model.apply({"params": params}, images, train=False, pre_logits=True)
-
-  return jax.jit(features, in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
+  return jax.jit(lambda params, images: predict(params, images)[1]["pre_logits"],
                  out_shardings=sharding.batch_sharding(mesh))
 
 
 class Evaluator:
   """Few-shot top-1 per dataset and shot count, averaged over seeds, from the model's pre-logit features."""
 
-  def __init__(self, name: str, settings, config, model, mesh, params_sharding, builder, progress: bool = False):
-    del builder  # its own datasets: settings.datasets.
+  headline = None  # a table of datasets and shot counts, not one number.
+
+  def __init__(self, name: str, settings, predict: Callable, data):
     self.name, self.settings, self.every_steps = name, settings, settings.every_steps
-    self.data_dir, self.mesh, self.progress = config.data_dir, mesh, progress
-    self.sync_every = config.sync_every_steps
-    self.features_fn = make_features_fn(model, params_sharding, mesh)
+    self.data_dir, self.mesh, self.progress = data.data_dir, data.mesh, data.progress  # its own datasets
+    self.features_fn = make_features_fn(predict, data.mesh)
 
   def run(self, params, stop: Callable[[int], bool] | None = None) -> dict:
     """{"mean": {dataset: {shots: mean top-1}}, "seeds": {dataset: {shots: [per seed]}}, "skipped": {dataset:
@@ -152,10 +148,10 @@ class Evaluator:
       needed = np.unique(np.concatenate([support_indices(p, max(shot_counts)) for p in permutations]))
       train = extract(self.features_fn, params, input_pipeline.selection_iterator(
           builder, train_split, needed, settings.pp, settings.batch_size, self.mesh),
-          progress=f"{name} {train_split} features" if self.progress else None, sync_every=self.sync_every, stop=stop)
+          progress=f"{name} {train_split} features" if self.progress else None, stop=stop)
       test = extract(self.features_fn, params, input_pipeline.selection_iterator(
           builder, test_split, None, settings.pp, settings.batch_size, self.mesh),
-          progress=f"{name} {test_split} features" if self.progress else None, sync_every=self.sync_every, stop=stop)
+          progress=f"{name} {test_split} features" if self.progress else None, stop=stop)
       row = {index: i for i, index in enumerate(train[2])}
       means[name], per_seed[name] = {}, {}
       for shots in shot_counts:

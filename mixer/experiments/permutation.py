@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from configs import default
-from mixer import dataset, input_pipeline, models, optim, sharding, steps
+from mixer import dataset, input_pipeline, models, optim, setup, sharding, steps
+from mixer.evaluators import classification
 
 _PP = "decode(channels=1)|resize(16)|{}value_range(-1, 1)"
 PERMUTATIONS = {"original": "", "patch + pixel shuffle": "patch_shuffle(4)|", "global shuffle": "pixel_shuffle()|"}
@@ -48,7 +49,12 @@ def run(model_name: str, num_steps: int, eval_every: int, data_dir=None) -> dict
   tx = optim.create_optimizer(config, schedule)
   _, state_sharding = steps.create_train_state(model, tx, (16, 16, 1), mesh, config.seed)
   train_step = steps.make_train_step(config, model, tx, schedule, info.num_classes, state_sharding, mesh)
-  eval_step = steps.make_eval_step(config, model, info.num_classes, state_sharding.params, mesh)
+  if model_name == "Mixer":
+    predict = steps.make_predict_fn(model)
+  else:
+    predict = lambda params, images: (model.apply({"params": params}, images), {})
+  # config.pp_eval is read at each evaluation: the permutation below changes it, the compiled step stays.
+  evaluator = classification.Evaluator("eval", config.evals.eval, predict, setup.eval_data(config, builder, info, mesh))
   curves = {}
   for permutation, spec in PERMUTATIONS.items():
     config.pp_train = config.pp_eval = _PP.format(spec)
@@ -58,10 +64,10 @@ def run(model_name: str, num_steps: int, eval_every: int, data_dir=None) -> dict
     for step in range(1, num_steps + 1):
       state, metrics = train_step(state, next(batches), jax.random.key(0))
       if step % eval_every == 0 or step == num_steps:
-        top1 = steps.evaluate(eval_step, state.params, input_pipeline.eval_iterator(config, builder, info, mesh))["top1"]
+        top1 = evaluator.run(state.params)["top1"]
         curves[permutation].append((step, top1))
         logging.info("%s, %s, step %d: test top-1 %.4f", model_name, permutation, step, top1)
-      elif step % config.sync_every_steps == 0:
+      elif step % steps.sync_every() == 0:
         jax.block_until_ready(metrics)
   return curves
 
