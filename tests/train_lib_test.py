@@ -10,10 +10,23 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from mixer import console, input_pipeline, models, optim, predict, run_record, setup, steps, train_lib, trees
+from mixer import (
+  console,
+  evaluators,
+  input_pipeline,
+  models,
+  optim,
+  predict,
+  run_record,
+  setup,
+  steps,
+  train_lib,
+  trees,
+)
 from tests.conftest import DIGIT_NAMES, REPO, restore_params, run_python, small_config
 
 
@@ -222,3 +235,36 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_fo
   assert re.fullmatch(r"evaluate.py: error: --workdir=\S+ was trained on 10 classes that differ from this dataset's 10 "
                       r"\(5: 'seven' vs 'six'; .* 9: 'zero' vs 'zeven'; recorded in its dataset.json\): .*\n",
                       result.stderr), result.stderr
+
+
+class _ImplicitTransfer:
+  """An evaluator module whose evaluator adds a host array to a parameter on the device: an implicit
+  host-to-device copy (the kind the guard catches on CPU too; a device-to-host read there is zero-copy)."""
+  KEYS = ()
+
+  @staticmethod
+  def validate(settings, where):
+    del settings, where
+
+  class Evaluator:
+    headline = None
+
+    def __init__(self, name, settings, predict, data):
+      del name, predict, data
+      self.every_steps = settings.every_steps
+
+    def run(self, params, stop=None):
+      del stop
+      return {"head_sum": float(jax.device_get((params["head"]["bias"] + np.ones(10, np.float32)).sum()))}
+
+    def scalars(self, results):
+      return results
+
+
+@pytest.mark.slow
+def test_the_loop_refuses_implicit_host_device_transfers(data_dir, tmp_path, monkeypatch):
+  monkeypatch.setitem(evaluators.TYPES, "implicit", _ImplicitTransfer)
+  config = small_config(data_dir, total_steps=2, warmup_steps=1)
+  config.evals.slow = ml_collections.ConfigDict(dict(type="implicit", every_steps=1))
+  with pytest.raises(Exception, match=r"Disallowed host-to-device transfer"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
