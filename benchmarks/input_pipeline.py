@@ -15,6 +15,13 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's mixer, also where it is not installed (pip install -e .).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: its start-up lines say nothing here.
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mixer import preprocess  # noqa: E402
+
 PIPELINES = {
     "inception_crop+flip": "decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)",
     "inception_crop+flip+randaugment": "decode_jpeg_and_inception_crop(224)|flip_lr|randaugment(2, 15)|"
@@ -24,8 +31,6 @@ PIPELINES = {
 
 def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
   """Smooth random images of ImageNet's typical sizes (about 400-500 x 350-500), JPEG quality 90."""
-  import numpy as np
-  import tensorflow as tf
   rng = np.random.default_rng(seed)
   images = []
   for _ in range(count):
@@ -38,9 +43,6 @@ def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
 
 def measure(spec: str, jpegs: list[bytes], threads: int, seconds: float) -> float:
   """Images/s of `spec` on `threads` tf.data threads, over at least `seconds` after a warm-up."""
-  import tensorflow as tf
-  sys.path.insert(0, REPO)
-  from mixer import preprocess
   pp = preprocess.get_preprocess_fn(spec)
   ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
   ds = ds.map(lambda i, image: pp({"image": image, "rng": tf.stack([i, i + 1])})["image"],
@@ -66,7 +68,6 @@ def main(argv=None):
                       help="a measured train-step rate (benchmarks/throughput.py) to size the host for")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   cores = os.cpu_count()
   jpegs = make_jpegs(args.images)
   rows = []

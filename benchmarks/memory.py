@@ -15,7 +15,14 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's mixer (also where it is not installed) and configs/ (whose files import each other as the
+# package `configs`).
+sys.path.insert(0, REPO)
+import jax  # noqa: E402
+
+from mixer import cli, tpu  # noqa: E402
+
 GIB = 2**30
 PAPER_VARIANTS = "S/32,S/16,B/32,B/16,L/32,L/16,H/14"
 # Paper Table 3, "throughput img/s/core" (TPU v3, inference at 224px).
@@ -30,7 +37,9 @@ def parse_args(argv=None):
   parser.add_argument("--variants", default=PAPER_VARIANTS)
   parser.add_argument("--topologies", default="v3:8x16", help="comma-separated TPU slices, e.g. v3:8x16,v5e:16x16")
   parser.add_argument("--batch", type=int, default=4096, help="global batch size (train)")
-  parser.add_argument("--config", default="mixer_imagenet21k", help="a configs/ module taking a variant arg")
+  parser.add_argument("--config", default="mixer_imagenet21k",
+                      help="a config of configs/ by name, or a config file's path; given each variant as its "
+                           "argument (b16), or, if it takes none (default), with config.model.variant set")
   parser.add_argument("--param_sharding", default=None, help="default: the config's")
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None, help="default: the config's")
   parser.add_argument("--grad_accum_steps", type=int, default=None, help="default: the config's")
@@ -43,13 +52,13 @@ def parse_args(argv=None):
 
 
 def variant_config(args, variant: str):
-  import importlib
-  import inspect
-  get_config = importlib.import_module(f"configs.{args.config}").get_config
-  if inspect.signature(get_config).parameters:
-    config = get_config(variant.replace("/", "").lower())
-  else:  # a config without a variant argument (configs/default.py): set the variant.
-    config = get_config()
+  path = args.config if args.config.endswith(".py") else os.path.join(REPO, "configs", f"{args.config}.py")
+  try:
+    config = cli.load_config_file(f"{path}:{variant.replace('/', '').lower()}")
+  except ValueError as e:
+    if "takes no argument" not in str(e):  # cli's one line for an argument to a config that takes none.
+      raise
+    config = cli.load_config_file(path)  # a config without a variant argument (configs/default.py): set the variant.
     config.model.variant = variant
   config.batch_size = args.batch
   config.eval_batch_size = args.batch
@@ -66,7 +75,6 @@ def _gib(size: int | None) -> float | None:
 
 
 def train_row(config, topology: str) -> dict:
-  from mixer import tpu
   r = tpu.compile_for(config, topology, eval_step=False)
   seconds = r["train"]["estimated_s"]
   return {"variant": r["variant"], "topology": topology,
@@ -95,8 +103,8 @@ def search(config, topology: str, emit) -> None:
 
 def main(argv=None):
   args = parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from mixer import tpu
+  if "JAX_PLATFORMS" not in os.environ:  # compile only, on any host: jax read the variable at import, the flag decides.
+    jax.config.update("jax_platforms", "cpu")
   tpu.raise_stack_limit()
   rows = []
 

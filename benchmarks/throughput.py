@@ -20,6 +20,13 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's mixer, also where it is not installed (pip install -e .).
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from mixer import models, optim, sharding, steps  # noqa: E402
 
 
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -59,8 +66,6 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def mixer_flops_per_image(variant: str, resolution: int, num_classes: int) -> float:
   """Forward FLOPs (2 per multiply-add) of the matrix products, from the architecture (Table 1)."""
-  sys.path.insert(0, REPO)
-  from mixer import models
   k = models.variant_kwargs(variant)
   p, c, ds, dc, n = k["patch_size"], k["hidden_dim"], k["tokens_mlp_dim"], k["channels_mlp_dim"], k["num_blocks"]
   s = (resolution // p) ** 2
@@ -88,8 +93,6 @@ def _repeat(run_steps, args) -> list[float]:
 
 def step_config(args):
   """The train-step config that every benchmark times: Adam, clipping, softmax cross-entropy, no mixup."""
-  sys.path.insert(0, REPO)
-  import ml_collections
   return ml_collections.ConfigDict({
       "loss": "softmax_xent", "mixup": 0.0, "grad_accum_steps": 1, "nan_policy": "stop",
       "lr": 1e-3, "weight_decay": 0.1,
@@ -102,7 +105,6 @@ def step_config(args):
 def step_parts(args, devices=None) -> dict:
   """The config, a 1-axis data mesh over `devices` (default: all), model, schedule and optimizer of the step."""
   config = step_config(args)
-  from mixer import models, optim, sharding
   schedule = optim.create_schedule(config, 1_000_000)
   return {"config": config, "mesh": sharding.create_mesh({"data": -1, "model": 1}, devices=devices),
           "model": models.create_model(config.model, args.num_classes), "schedule": schedule,
@@ -111,13 +113,9 @@ def step_parts(args, devices=None) -> dict:
 
 def build_jax(args) -> dict:
   """Our model, train state, jitted train step and a random batch of args' shape, on a 1-axis data mesh."""
-  os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+  if "JAX_PLATFORMS" not in os.environ:  # jax read the variable at import; before its first use the flag decides.
+    jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
   parts = step_parts(args)
-  import jax
-  import jax.numpy as jnp
-
-  from mixer import sharding, steps
-
   config, mesh, model, schedule, tx, shape = (parts[k] for k in ("config", "mesh", "model", "schedule", "tx", "shape"))
   state, state_sharding = steps.create_train_state(model, tx, shape, mesh, seed=0)
   train_step = steps.make_train_step(config, model, tx, schedule, args.num_classes, state_sharding, mesh)
@@ -131,7 +129,6 @@ def build_jax(args) -> dict:
 
 def measure_jax(args) -> dict:
   built = build_jax(args)
-  import jax
   model, state, state_sharding, train_step, batch, data, rng = (
       built[k] for k in ("model", "state", "state_sharding", "train_step", "batch", "data_sharding", "rng"))
 
@@ -184,8 +181,6 @@ def measure_jax(args) -> dict:
 
 def measure_peak_jax(dtype: str) -> float:
   """TFLOP/s of a large square matmul in `dtype` on the first device: the MFU denominator."""
-  import jax
-  import jax.numpy as jnp
   on_gpu = jax.devices()[0].platform == "gpu"
   n = 8192 if on_gpu else 2048
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
@@ -201,6 +196,8 @@ def measure_peak_jax(dtype: str) -> float:
 
 
 def measure_timm(args) -> dict:
+  # PyTorch and timm only here, in the child process of run_timm: large optional dependencies
+  # (benchmarks/requirements.txt) that the JAX side never loads.
   import timm
   import torch
   gpu = args.device == "gpu"
@@ -210,8 +207,6 @@ def measure_timm(args) -> dict:
   if name in timm.list_models("mixer_*"):
     model = timm.create_model(name, pretrained=False, num_classes=args.num_classes, img_size=args.resolution)
   else:  # e.g. the tiny size: the same architecture through timm's class.
-    sys.path.insert(0, REPO)
-    from mixer import models
     k = models.variant_kwargs(args.variant)
     model = timm.models.mlp_mixer.MlpMixer(num_classes=args.num_classes, img_size=args.resolution,
                                            patch_size=k["patch_size"], num_blocks=k["num_blocks"],
@@ -287,10 +282,8 @@ def one(args) -> dict:
 
 
 def plot(results: list[dict], out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))  # no pyplot: no global backend to choose.
+  ax = fig.subplots()
   batches = [r["ours"]["batch"] for r in results]
   ax.plot(batches, [r["ours"]["train"]["images_per_s"] for r in results], "o-", label="ours (jax), train")
   ax.plot(batches, [r["ours"]["inference"]["images_per_s"] for r in results], "o--", label="ours (jax), inference")

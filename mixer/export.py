@@ -6,8 +6,9 @@ timm uses exact gelu; the released weights (and our default) use tanh gelu: logi
 """
 
 import numpy as np
+from absl import app, flags
 
-from mixer import models, trees
+from mixer import models, params_io, trees
 
 
 def to_timm_state_dict(params: dict) -> dict[str, np.ndarray]:
@@ -37,10 +38,7 @@ def to_timm_state_dict(params: dict) -> dict[str, np.ndarray]:
 
 def main(argv):
   del argv
-  from absl import flags
-
-  from mixer import params_io
-  try:
+  try:  # PyTorch only here: a large optional dependency (benchmarks/requirements.txt) that nothing else needs.
     import torch
   except ImportError:
     raise SystemExit("exporting needs PyTorch: pip install -r benchmarks/requirements.txt") from None
@@ -51,7 +49,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
   flags.DEFINE_string("workdir", None, "A training workdir (its newest checkpoint), or a .npz file.", required=True)
   flags.DEFINE_string("out", None, "Where to write the state dict (.pth).", required=True)
   app.run(main)

@@ -5,8 +5,15 @@ Sources: Sec. 3, App. B and Table 4 (pre-training); Sec. 3 and App. C, which fol
 setup (fine-tuning: steps per dataset, lr grid).
 """
 
-import importlib
+import contextlib
+import os
 import re
+import sys
+
+from mixer import cli
+
+# The repository's configs/, beside the mixer package (also when mixer is installed with pip install -e .).
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # Sec. 3 / App. B: shared by all pre-training runs.
 _PRETRAINING = dict(optimizer="adam(0.9, 0.999)", batch_size=4096, warmup_steps=10_000, schedule="linear",
@@ -72,9 +79,33 @@ def paper(name: str) -> dict:
 
 
 def load(name: str):
-  module, _, arg = name.partition(":")
-  get_config = importlib.import_module(f"configs.{module}").get_config
-  return get_config(arg) if arg else get_config()
+  """One of our configs by name ("mixer_jft:s16" is configs/mixer_jft.py with get_config("s16")), or a config
+  file by path ("path/to/file.py", "path/to/file.py:arg")."""
+  path, colon, arg = name.partition(":")
+  if not path.endswith(".py"):
+    path = os.path.join(CONFIGS, f"{path}.py")
+    if not os.path.isfile(path):
+      known = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py") and not f.startswith("_"))
+      raise ValueError(f"config {name!r} is not in {CONFIGS} (one of {', '.join(known)}) nor a .py file")
+  with _package_importable(path):
+    return cli.load_config_file(path + colon + arg, flag="config")
+
+
+@contextlib.contextmanager
+def _package_importable(path: str):
+  """Puts the folder above a config file's folder on sys.path meanwhile, if its folder is a package: our
+  configs import each other as the package `configs` (`from configs import default`), which a process
+  started outside the repository (an installed mixer, another current directory) cannot find otherwise."""
+  folder = os.path.dirname(os.path.abspath(path))
+  root = os.path.dirname(folder)
+  added = os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path
+  if added:
+    sys.path.insert(0, root)
+  try:
+    yield
+  finally:
+    if added:
+      sys.path.remove(root)
 
 
 def compare(name: str, config=None) -> list[tuple[str, object, object, str]]:
@@ -143,9 +174,6 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-  import os
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   print(table())
   missing = unmarked_differences()
   if missing:

@@ -9,8 +9,10 @@ import math
 import os
 
 import numpy as np
+from absl import app, flags
+from matplotlib.figure import Figure
 
-from mixer import models
+from mixer import cli, models, params_io
 
 
 def weight_mosaic(kernel: np.ndarray, grid: tuple[int, int], units: int) -> np.ndarray:
@@ -29,6 +31,8 @@ def weight_mosaic(kernel: np.ndarray, grid: tuple[int, int], units: int) -> np.n
 
 def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Every scalar the run's metric writers logged: {tag: [(step, value), ...]} sorted by step."""
+  # Here, not at the top: TensorFlow takes seconds to import and writes start-up lines to stderr, which main()
+  # has filtered by now (cli.setup_logging imports it inside the filter).
   import tensorflow as tf
   series: dict[str, dict[int, float]] = {}
   for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
@@ -48,13 +52,10 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
 
 def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64) -> list[str]:
   """Writes the figure; returns what the run has no curves of (also written into the figure)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = models.block_names(params)[:blocks]
   curves = {t: v for t, v in scalars.items() if t.startswith("fewshot/") or t == "eval/top1"}
-  fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4.4), squeeze=False)
+  fig = Figure(figsize=(4.2 * (len(names) + 1), 4.4))  # no pyplot: no global backend to choose, nothing to close.
+  axes = fig.subplots(1, len(names) + 1, squeeze=False)
   for ax, name in zip(axes[0], names, strict=False):
     kernel = np.asarray(params[name]["token_mixing"]["Dense_0"]["kernel"])
     side = math.isqrt(kernel.shape[0])
@@ -84,15 +85,11 @@ def plot(params: dict, scalars: dict, out: str, blocks: int = 3, units: int = 64
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
-  plt.close(fig)
   return missing
 
 
 def main(argv):
   del argv
-  from absl import flags
-
-  from mixer import cli, params_io
   cli.setup_logging()
   flags_ = flags.FLAGS
   params = params_io.load(flags_.workdir)
@@ -101,7 +98,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
   flags.DEFINE_string("workdir", None, "A training workdir (its newest checkpoint and TensorBoard logs).",
                       required=True)
   flags.DEFINE_string("out", "mixer.png", "The PNG to write.")

@@ -1,7 +1,10 @@
 """Our configs against every hyperparameter the paper states (mixer/paper.py)."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from mixer import paper
 from tests.conftest import REPO
@@ -32,3 +35,11 @@ def test_the_table_prints_every_config():
   assert result.returncode == 0, result.stderr[-2000:]
   for name in paper.NAMES:
     assert f"| {name} |" in result.stdout
+
+
+def test_a_config_loads_by_name_or_by_path_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a path relative to the current directory is read from there.
+  relative = os.path.relpath(os.path.join(paper.CONFIGS, "mixer_jft.py"), tmp_path)
+  assert paper.load(f"{relative}:s16").to_dict() == paper.load("mixer_jft:s16").to_dict()
+  with pytest.raises(ValueError, match=r"config 'mixer_jft_typo' is not in .*configs \(one of default, "):
+    paper.load("mixer_jft_typo")

@@ -20,7 +20,12 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "benchmarks")]
 import hlo  # noqa: E402  (HLO reading, beside this file)
-import throughput  # noqa: E402  (benchmarks/throughput.py: the same step and arguments)
+import jax  # noqa: E402  (main's environment variables still apply: jax reads them when it starts a backend)
+import jax.numpy as jnp  # noqa: E402
+import throughput  # noqa: E402  (benchmarks/throughput.py: the same step and arguments; puts mixer on sys.path)
+from jax.experimental import topologies  # noqa: E402
+
+from mixer import sharding, steps  # noqa: E402
 
 # Device descriptions for deviceless compilation (xla GpuTargetConfig text), and the roofline numbers:
 # peak = the bf16 matmul rate throughput.py measured on the H200 (781 TFLOP/s; the H100 has the same
@@ -46,10 +51,8 @@ device_description_str: "{name}"
 
 def target_devices(target: str):
   """Devices to compile for: this machine's CPU, or a GPU described to XLA (no GPU present)."""
-  import jax
   if target == "cpu":
     return jax.devices("cpu")[:1]
-  from jax.experimental import topologies
   gpu = GPUS[target]
   config = _HOPPER.format(name=gpu["name"], memory=gpu["memory"], bandwidth=int(gpu["bandwidth_tbs"] * 1e12))
   try:
@@ -60,8 +63,6 @@ def target_devices(target: str):
 
 def measure_bandwidth_cpu() -> float:
   """TB/s of a large elementwise add on this machine's CPU (reads two arrays, writes one)."""
-  import jax
-  import jax.numpy as jnp
   a, b = jnp.ones((32, 2**20)), jnp.ones((32, 2**20))
   add = jax.jit(lambda x, y: x + y)
   add(a, b).block_until_ready()
@@ -74,11 +75,7 @@ def measure_bandwidth_cpu() -> float:
 
 def compile_train_step(args, devices):
   """The jitted train step of throughput.py, lowered for `devices` from abstract inputs, then compiled."""
-  parts = throughput.step_parts(args, devices)  # (puts the repository on sys.path)
-  import jax
-  import jax.numpy as jnp
-
-  from mixer import sharding, steps
+  parts = throughput.step_parts(args, devices)
   config, mesh, model, schedule, tx, shape = (parts[k] for k in ("config", "mesh", "model", "schedule", "tx", "shape"))
   state, state_sharding = steps.abstract_train_state(model, tx, shape, mesh, "replicated")
   data = sharding.batch_sharding(mesh)
@@ -155,7 +152,6 @@ def main(argv=None):
     if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):  # kernels, not CUDA-graph calls.
       os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   args = throughput.fill_defaults(args)
-  import jax
   devices = target_devices(args.target)
   start = time.perf_counter()
   text = compile_train_step(args, devices).as_text()

@@ -25,6 +25,7 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "benchmarks")]
 import hlo  # noqa: E402  (HLO reading, beside this file)
+import jax  # noqa: E402  (main's XLA_FLAGS still apply: XLA reads them when jax starts a backend)
 import throughput  # noqa: E402  (benchmarks/throughput.py: the same step and arguments)
 
 _MODEL_PARTS = ("token_mixing", "channel_mixing", "LayerNorm", "pre_head_layer_norm", "stem", "head")
@@ -115,7 +116,6 @@ def main(argv=None):
     # Kernels replayed from a CUDA graph lose their HLO names in the trace; profile them launched one by one.
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   built = throughput.build_jax(args)
-  import jax
   compiled = built["train_step"].lower(built["state"], built["batch"], built["rng"]).compile()
   instructions, _ = hlo.parse(compiled.as_text())
   state = built["state"]

@@ -24,7 +24,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    from sklearn import datasets  # only needed to prepare the data.
+    # Only to prepare the data, once: scikit-learn takes a second to import, and mixer.datasets is imported
+    # by every run.
+    from sklearn import datasets
     digits = datasets.load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int64)

@@ -33,6 +33,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from PIL import Image
 
 PREFIX = "folder:"
 TEST_FRACTION = 0.2  # held out as `test` when PATH has no split folders (as the embedded digits).
@@ -207,7 +208,6 @@ def _fingerprint(root: str, splits: dict) -> str:
 
 def _pixels(image):
   """An opened PIL image as 8-bit grayscale ("L") or RGB."""
-  from PIL import Image
   if image.mode in ("L", "RGB"):
     return image
   if image.mode.startswith(("I", "F")):  # 16- or 32-bit integers, or floats: one channel.
@@ -223,6 +223,8 @@ def _pixels(image):
 
 
 def _decodes(data: bytes) -> bool:
+  # Here, not at the top: mixer.predict imports this module to list a user's images before TensorFlow's slow,
+  # noisy start (cli.setup_logging); tensorflow_datasets above imports TensorFlow lazily.
   import tensorflow as tf
   try:
     tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -234,7 +236,6 @@ def _decodes(data: bytes) -> bool:
 def image_bytes(path: str) -> bytes:
   """The bytes stored for the image file `path` (see the module docstring): an 8-bit grayscale or RGB JPEG
   or PNG. Raises ValueError("not a readable image (why)") for a file that Pillow cannot read."""
-  from PIL import Image
   try:
     with open(path, "rb") as f:
       data = f.read()

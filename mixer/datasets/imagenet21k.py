@@ -71,6 +71,8 @@ def as_jpeg(data: bytes) -> bytes:
   has) is re-encoded, as tfds's imagenet2012 builder does."""
   if data[:3] == b"\xff\xd8\xff":
     return data
+  # Here, not at the top: mixer.predict imports mixer.datasets (for datasets/folder.py) to check a user's paths
+  # before TensorFlow's slow, noisy start (cli.setup_logging).
   import tensorflow as tf
   try:
     return tf.io.encode_jpeg(tf.io.decode_image(data, channels=3, expand_animations=False), quality=100).numpy()

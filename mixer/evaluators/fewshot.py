@@ -13,11 +13,13 @@ with the support set's mean and std + 1e-5, a constant bias feature of 100 is ap
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from mixer import dataset, guards, input_pipeline, steps
+from mixer import dataset, guards, input_pipeline, sharding, steps
 
 KEYS = ("datasets", "shots", "seeds", "l2_reg", "pp", "batch_size")
 BIAS = 100.0  # big_vision's bias feature: large, so that l2_reg barely shrinks the bias weights.
@@ -88,7 +90,6 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
   """
   batches = guards.until_stopped(batches, stop)
   if progress:
-    from tqdm import tqdm
     # On a terminal only: in a log file its lines would run into the results printed after it.
     batches = tqdm(batches, desc=progress, leave=False, disable=True if jax.process_index() > 0 else None)
   outputs, every = [], steps.sync_every()
@@ -105,7 +106,6 @@ def extract(features_fn: Callable, params, batches: Iterable, progress: str | No
 
 def make_features_fn(predict: Callable, mesh):
   """Jitted pre-logit features (after the head LayerNorm and mean pooling) over the whole mesh."""
-  from mixer import sharding
   return jax.jit(lambda params, images: predict(params, images)[1]["pre_logits"],
                  out_shardings=sharding.batch_sharding(mesh))
 
@@ -185,5 +185,4 @@ def table(results: dict) -> str:
 
 
 def _dataset_config(tfds_name, data_dir):
-  import ml_collections
   return ml_collections.ConfigDict({"dataset": tfds_name, "data_dir": data_dir, "bad_images": "fail"})

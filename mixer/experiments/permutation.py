@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from matplotlib.figure import Figure
 
-from configs import default
-from mixer import dataset, input_pipeline, models, optim, setup, sharding, steps
+from mixer import cli, dataset, input_pipeline, models, optim, setup, sharding, steps
 from mixer.evaluators import classification
 
 _PP = "decode(channels=1)|resize(16)|{}value_range(-1, 1)"
@@ -38,7 +38,7 @@ class SmallCNN(nn.Module):
 def run(model_name: str, num_steps: int, eval_every: int, data_dir=None) -> dict[str, list[tuple[int, float]]]:
   """{permutation: [(step, test top-1)] along its training run}; the permutation is in the data only, so the
   model's train and eval steps compile once for all of them."""
-  config = default.get_config()
+  config = cli.load_config_file(cli.DEFAULT_CONFIG)
   config.data_dir = data_dir
   config.total_steps, config.warmup_steps = num_steps, max(1, num_steps // 20)
   mesh = sharding.create_mesh(config.mesh)
@@ -73,10 +73,8 @@ def run(model_name: str, num_steps: int, eval_every: int, data_dir=None) -> dict
 
 
 def plot(curves: dict, out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  fig = Figure(figsize=(10, 4))  # no pyplot: no global backend to choose, nothing to close.
+  axes = fig.subplots(1, 2, sharey=True)
   for ax, model_name in zip(axes, ("Mixer", "CNN"), strict=True):
     for permutation, curve in curves[model_name].items():
       steps_, top1 = zip(*curve, strict=True)
