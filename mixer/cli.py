@@ -140,17 +140,35 @@ def load_config_file(spec: str, flag: str = "--config") -> ml_collections.Config
   if module_spec is None:
     raise ValueError(f"{flag}={spec}: not a Python file (a config file is a .py file with get_config())")
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  get_config = getattr(module, "get_config", None)
-  if not callable(get_config):
-    raise ValueError(f"{flag}={spec}: {path} defines no get_config(), so it is not a config file")
-  takes_arg = bool(inspect.signature(get_config).parameters)
-  if colon and not takes_arg:
-    raise ValueError(f"{flag}={spec}: {path} takes no argument (pass {flag}={path})")
+  with _package_importable(path):
+    module_spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+      raise ValueError(f"{flag}={spec}: {path} defines no get_config(), so it is not a config file")
+    takes_arg = bool(inspect.signature(get_config).parameters)
+    if colon and not takes_arg:
+      raise ValueError(f"{flag}={spec}: {path} takes no argument (pass {flag}={path})")
+    try:
+      return get_config(arg) if colon else get_config()
+    except ValueError as e:
+      raise ValueError(f"{flag}={spec}: {e}") from e
+
+
+@contextlib.contextmanager
+def _package_importable(path: str):
+  """Puts the folder above a config file's folder on sys.path meanwhile, if its folder is a package: our
+  configs import each other as the package `configs` (`from configs import default`), which a process
+  started outside the repository (an installed mixer, another current directory) cannot find otherwise."""
+  folder = os.path.dirname(os.path.abspath(path))
+  root = os.path.dirname(folder)
+  added = os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path
+  if added:
+    sys.path.insert(0, root)
   try:
-    return get_config(arg) if colon else get_config()
-  except ValueError as e:
-    raise ValueError(f"{flag}={spec}: {e}") from e
+    yield
+  finally:
+    if added:
+      sys.path.remove(root)
 
 
 def check_writable(directory: str, flag: str, hint: str = "") -> None:

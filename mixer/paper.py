@@ -5,7 +5,6 @@ Sources: Sec. 3, App. B and Table 4 (pre-training); Sec. 3 and App. C, which fol
 setup (fine-tuning: steps per dataset, lr grid).
 """
 
-import contextlib
 import os
 import re
 import sys
@@ -87,25 +86,7 @@ def load(name: str):
     if not os.path.isfile(path):
       known = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py") and not f.startswith("_"))
       raise ValueError(f"config {name!r} is not in {CONFIGS} (one of {', '.join(known)}) nor a .py file")
-  with _package_importable(path):
-    return cli.load_config_file(path + colon + arg, flag="config")
-
-
-@contextlib.contextmanager
-def _package_importable(path: str):
-  """Puts the folder above a config file's folder on sys.path meanwhile, if its folder is a package: our
-  configs import each other as the package `configs` (`from configs import default`), which a process
-  started outside the repository (an installed mixer, another current directory) cannot find otherwise."""
-  folder = os.path.dirname(os.path.abspath(path))
-  root = os.path.dirname(folder)
-  added = os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path
-  if added:
-    sys.path.insert(0, root)
-  try:
-    yield
-  finally:
-    if added:
-      sys.path.remove(root)
+  return cli.load_config_file(path + colon + arg, flag="config")
 
 
 def compare(name: str, config=None) -> list[tuple[str, object, object, str]]:
