@@ -20,7 +20,10 @@ def test_permutation_experiment_writes_curves_and_numbers(data_dir, tmp_path):
   numbers = json.loads((tmp_path / "perm.json").read_text())
   for model in ("Mixer", "CNN"):
     assert set(numbers["final_top1"][model]) == {"original", "patch + pixel shuffle", "global shuffle"}
-    for curve in numbers["curves"][model].values():
-      assert [step for step, _ in curve] == [5, 10] and all(0 <= top1 <= 1 for _, top1 in curve)
+    for permutation, curve in numbers["curves"][model].items():
+      assert [step for step, _ in curve] == [5, 10]
+      # Each top-1 counts correct answers over the whole test split (359 digits), and the final one is the table's.
+      assert all(round(top1 * 359) == pytest.approx(top1 * 359, abs=1e-6) for _, top1 in curve)
+      assert numbers["final_top1"][model][permutation] == curve[-1][1]
   import matplotlib.image
   assert matplotlib.image.imread(out).shape[1] > 1000

@@ -270,7 +270,12 @@ def test_finetuning_demo_and_your_own_images(root, first_run):
   files = [line for line in out.splitlines() if not line.startswith(" ")]
   assert files == [f"my_images/test/seven/{i:03d}.png" for i in range(32, 40)], out
   assert all(line.split()[-1] in DIGIT_NAMES for line in out.splitlines() if line.startswith(" "))
+  table = out.splitlines()
+  first = table[table.index("my_images/test/seven/032.png") + 1].split()  # its most probable class: "12.34%  six"
   out = run(root, "python -m mixer.predict --workdir runs/mine --json my_images/test/seven/032.png")
   result = json.loads(out)
   assert result[0]["file"] == "my_images/test/seven/032.png" and len(result[0]["top"]) == 5
-  assert abs(sum(t["probability"] for t in result[0]["top"]) - 1) < 0.5
+  probabilities = [t["probability"] for t in result[0]["top"]]
+  assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
+  # The same image gives the same answer as one of a directory's (another batch): class and probability.
+  assert [f"{100 * probabilities[0]:.2f}%", result[0]["top"][0]["class"]] == first, (first, result)
