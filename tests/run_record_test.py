@@ -6,20 +6,14 @@ import pytest
 
 from configs import default
 from mixer import run_record
+from tests.conftest import override
 
 DIGITS = {"class_names": [str(i) for i in range(10)], "label_subset": "", "splits": {"test": 359, "train": 1438},
           "tfds_name": "digits/1.0.0"}
 
 
 def _config(**values):
-  config = default.get_config()
-  for key, value in values.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return override(default.get_config(), **values)
 
 
 def test_a_new_run_records_its_config_and_dataset(tmp_path):
