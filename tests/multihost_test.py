@@ -27,7 +27,8 @@ for total in (4, 8):  # train 4 steps and save; then a second run resumes from t
   # train[:64] with a global batch of 64: every step's global batch is the same 64 examples, however
   # the processes split them, so 1 and 2 processes see the same global batches.
   config = small_config({data_dir!r}, train_split="train[:64]", batch_size=64, total_steps=total,
-                        checkpoint_every_steps=4, warmup_steps=1, **{{"evals.eval.every_steps": 4}})
+                        checkpoint_every_steps=4, warmup_steps=1, allow_changes="total_steps",
+                        **{{"evals.eval.every_steps": 4}})
   out.append(train_lib.train_and_evaluate(config, {workdir!r}))
 print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "runs": out}}))
 """

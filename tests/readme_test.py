@@ -147,6 +147,7 @@ def run(root, command: str, extra=None) -> str:
   # tests) are set aside while the script defines its own, as in a fresh interpreter, and restored after.
   shared = {f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
             if module.startswith("absl") or module in ("mixer.cli", "mixer.errors") for f in defined}
+  shared.discard("config")  # each script defines its own --config (through mixer.errors.define_config_file).
   stashed = {name: flags.FLAGS[name] for name in list(flags.FLAGS)
              if name not in shared and flags.FLAGS[name].name == name}
   for name in stashed:

@@ -191,7 +191,7 @@ def trained_workdir(data_dir, tmp_path_factory):
 def copy_workdir(trained_workdir, tmp_path):
   source, config = trained_workdir
   shutil.copytree(source, tmp_path / "run")
-  return tmp_path / "run", override(config.copy_and_resolve_references(), total_steps=6)
+  return tmp_path / "run", override(config.copy_and_resolve_references(), total_steps=6, allow_changes="total_steps")
 
 
 def _tree(path):
