@@ -80,17 +80,9 @@ def class_names(config, num_classes: int, workdir: str | None = None) -> list[st
 
 
 def _dataset_class_names(config) -> list[str]:
-  """config.dataset's class names as they are now, after config.label_subset."""
+  """config.dataset's class names as they are now, after config.label_subset (its facts without reading data)."""
   from mixer import dataset
-  from mixer.datasets import folder
-  if folder.is_folder(config.dataset):
-    names = folder.class_names(folder.scan(config.dataset[len(folder.PREFIX):]))
-  else:
-    import tensorflow_datasets as tfds
-    feature = tfds.builder(config.dataset, data_dir=config.data_dir).info.features[config.label_key]
-    names = getattr(feature, "feature", feature).names  # a Sequence of labels: its ClassLabel.
-  subset = dataset.label_subset(config)
-  return [names[i] for i in subset] if subset is not None else list(names)
+  return list(dataset.metadata_info(config).class_names)
 
 
 def _warn_if_folder_changed(config, recorded: list[str], workdir: str) -> None:

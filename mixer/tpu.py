@@ -144,7 +144,7 @@ def compile_for(config, name: str, eval_step: bool = True) -> dict:
   data = sharding.batch_sharding(mesh)
 
   def batch(size: int, with_mask: bool) -> dict:
-    labels = (size, config.max_labels) if multilabel else (size,)
+    labels = (size, info.max_labels) if multilabel else (size,)
     b = {"image": jax.ShapeDtypeStruct((size,) + image_shape, jnp.float32, sharding=data),
          "label": jax.ShapeDtypeStruct(labels, jnp.int32, sharding=data)}
     if with_mask:
