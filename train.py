@@ -31,7 +31,7 @@ def main(argv):
     sys.exit(compile_for(FLAGS.config, FLAGS.compile_for))
   cli.setup_logging()
   cli.initialize_distributed()
-  from mixer import train_lib
+  from mixer import train_lib  # here: TensorFlow (imported by it) starts after setup_logging's noise filter.
   history = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if history.get("signal") == signal.SIGINT:
     print(f"Interrupted (Ctrl-C): stopped at step {history['preempted_at']} with a complete checkpoint in "

@@ -13,10 +13,15 @@ import os
 import re
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
 
-from mixer import cli, errors, run_record
+# TensorFlow, and the modules that import it (dataset, preprocess), are imported inside functions: after the
+# flags, paths and the workdir are checked (errors come at once) and after cli.setup_logging filters its noise.
+from mixer import cli, errors, models, params_io, run_record
+from mixer.datasets import folder
 
 flags.DEFINE_string("workdir", None, "A training workdir: its newest checkpoint and config.json.")
 flags.DEFINE_string("checkpoint", None, "A released .npz (or another workdir) instead of the workdir's checkpoint; "
@@ -31,7 +36,6 @@ FLAGS = flags.FLAGS
 
 def image_paths(args: list[str]) -> list[str]:
   """The files given, and every image directly in each directory given, in order."""
-  from mixer.datasets import folder
   paths = []
   for arg in args:
     if os.path.isdir(arg):
@@ -81,13 +85,12 @@ def class_names(config, num_classes: int, workdir: str | None = None) -> list[st
 
 def _dataset_class_names(config) -> list[str]:
   """config.dataset's class names as they are now, after config.label_subset (its facts without reading data)."""
-  from mixer import dataset
+  from mixer import dataset  # see the imports at the top
   return list(dataset.metadata_info(config).class_names)
 
 
 def _warn_if_folder_changed(config, recorded: list[str], workdir: str) -> None:
   """Says so when the run's image folder no longer has the classes it trained on (renamed, added, removed)."""
-  from mixer.datasets import folder
   if not folder.is_folder(config.dataset) or not os.path.isdir(config.dataset[len(folder.PREFIX):]):
     return
   try:
@@ -102,7 +105,6 @@ def _warn_if_folder_changed(config, recorded: list[str], workdir: str) -> None:
 
 def load(config, checkpoint: str):
   """(model, params) of a workdir or .npz, in the released layout, for config.model."""
-  from mixer import models, params_io
   params = params_io.load(checkpoint)
   if "head" not in params:
     raise ValueError(f"{checkpoint} has no classification head (a pre-logits release?): nothing to predict")
@@ -124,11 +126,9 @@ def predict(config, model, params, paths: list[str], top: int, batch_size: int =
             workdir: str | None = None):
   """[{"file", "top": [{"class", "index", "probability"}...]} or {"file", "error"}] for each path."""
   check_counts(top, batch_size)
-  import jax
-  import tensorflow as tf
+  import tensorflow as tf  # see the imports at the top
 
   from mixer import preprocess
-  from mixer.datasets import folder
   pp = preprocess.get_preprocess_fn(config.pp_eval)
   names = class_names(config, np.shape(params["head"]["kernel"])[-1], workdir)
   activation = jax.nn.sigmoid if config.loss == "sigmoid_xent" else jax.nn.softmax
@@ -147,7 +147,6 @@ def predict(config, model, params, paths: list[str], top: int, batch_size: int =
     where.clear()
 
   if progress:
-    from tqdm import tqdm
     indices = tqdm(range(len(paths)), desc="images", unit="img", file=sys.stderr)
   else:
     indices = range(len(paths))

@@ -17,9 +17,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 
-from mixer import dataset, models, optim, sharding, steps
-from mixer.evaluators import classification
+from mixer import cli, models, optim, sharding, steps
 
 GIB = 2**30
 _STACK_ENV = "MIXER_TPU_STACK_RAISED"
@@ -76,9 +76,6 @@ def topology(name: str, flag: str = "--compile_for"):
     raise ValueError(f"{flag} needs libtpu, which compiles for TPUs on any host: "
                      f"pip install \"jax[tpu]=={jax.__version__}\"") from None
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile beside another process using libtpu.
-  from jax.experimental import topologies
-
-  from mixer import cli
   try:
     # libtpu starts here, complaining on stderr that this host is no TPU VM: filtered as other start-up noise.
     with cli._native_stderr_filtered():
@@ -131,7 +128,9 @@ def compile_for(config, name: str, eval_step: bool = True) -> dict:
   """Compiles the config's train (and eval) step for the TPU slice `name`; returns what each device needs."""
   devices, chip = topology(name)
   num_processes = len({d.process_index for d in devices})
-  from mixer import setup  # validate_config: the same checks as a real run, on the slice's counts.
+  # Here, not at the top: these import TensorFlow, whose start-up noise train.py --compile_for filters first.
+  from mixer import dataset, setup
+  from mixer.evaluators import classification
   setup.validate_config(config, len(devices), num_processes)
   mesh = sharding.create_mesh(config.mesh, devices)
   info = dataset.metadata_info(config)
@@ -189,6 +188,7 @@ def compile_inference(config, name: str, per_device_batch: int) -> dict:
   the compiler's estimate of its time, as the paper's Table 3 measures inference throughput per core."""
   devices, chip = topology(name)
   mesh = sharding.create_mesh({"data": -1, "model": 1}, devices)
+  from mixer import dataset  # as in compile_for
   info = dataset.metadata_info(config)
   num_classes, image_shape = info.num_classes, info.image_shape
   model = models.create_model(config.model, num_classes)
