@@ -34,8 +34,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   history["signal"]); on a non-finite loss (config.nan_policy="stop", or more skipped steps than
   config.max_nonfinite_steps allows) it raises NonFiniteLossError and keeps only checkpoints from before
   that step; a save that fails raises checkpoints.CheckpointSaveError. The workdir is locked meanwhile
-  (workdir_lock.WorkdirLockedError when another trainer holds it), and its config.json is written only
-  once the checkpoint, if any, has restored.
+  (workdir_lock.WorkdirLockedError when another trainer holds it). The run's record (config.json,
+  dataset.json) is written, or a resume checked against it (run_record.RunChangedError), only once the
+  checkpoint, if any, has restored. history["headline"] names the evaluator and metric of the run's result.
   """
   # The cheap checks first: a workdir that cannot be used fails before the data is read.
   setup.validate_config(config, jax.device_count(), jax.process_count())
