@@ -68,6 +68,8 @@ def main(argv):
     setup.check_same_classes(source, info.class_names, "--checkpoint" if FLAGS.checkpoint else "--workdir",
                              "Evaluate it on the dataset it trained on (its config.json), or only few-shot "
                              "(--notop1 --fewshot).")
+  if source:
+    setup.warn_if_data_changed(source, info)
   init = lambda seed: steps.init_params(model, info.image_shape, seed)
   # Params laid out on the whole mesh by config.param_sharding, as a checkpoint's restore.
   abstract_params = steps.abstract_params(model, info.image_shape, mesh, config.param_sharding)

@@ -6,6 +6,7 @@ import math
 import jax
 import ml_collections
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from mixer import dataset, evaluators, input_pipeline, models, run_record, sharding, steps, transfer
@@ -126,6 +127,20 @@ def check_same_classes(workdir: str, class_names, what: str, remedy: str) -> Non
         f"{what}={workdir} was trained on {len(recorded)} classes that differ from this dataset's "
         f"{len(class_names)} ({'; '.join(differ[:5]) or 'a different count'}; recorded in its "
         f"{run_record.DATASET_FILE}): its head would name the wrong classes. {remedy}")
+
+
+def warn_if_data_changed(workdir: str, info: dataset.DatasetInfo) -> bool:
+  """Says so (and returns True) when the data differs from what the run recorded in `workdir` trained on, beyond
+  the class names (check_same_classes): split sizes, a folder's files. Nothing to compare for a .npz."""
+  recorded = run_record.saved_dataset(workdir) if epath.Path(workdir).is_dir() else None
+  if recorded is None:
+    return False
+  differences = {k: v for k, v in run_record.dataset_differences(recorded, info.fingerprint).items()
+                 if k != "class_names"}
+  if differences:
+    logging.warning("%s is not the data that the run in %s trained on (%s; recorded in its %s): using it as it "
+                    "is now", info.name, workdir, run_record.describe(differences), run_record.DATASET_FILE)
+  return bool(differences)
 
 
 def check_workdir(workdir: str) -> None:
