@@ -93,7 +93,8 @@ def global_batches(local_batches: Iterator[dict], mesh: Mesh, depth: int) -> Ite
   data = batch_sharding(mesh)
   queue = collections.deque()
   for local in local_batches:
-    queue.append({k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()})
+    with jax.transfer_guard_host_to_device("allow"):  # the one transfer the training loop means to make.
+      queue.append({k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()})
     if len(queue) > depth:
       yield queue.popleft()
   while queue:

@@ -23,7 +23,7 @@ def test_permutation_experiment_writes_curves_and_numbers(data_dir, tmp_path):
     for permutation, curve in numbers["curves"][model].items():
       assert [step for step, _ in curve] == [5, 10]
       # Each top-1 counts correct answers over the whole test split (359 digits), and the final one is the table's.
-      assert all(round(top1 * 359) == pytest.approx(top1 * 359, abs=1e-6) for _, top1 in curve)
+      assert all(round(top1 * 359) == pytest.approx(top1 * 359, abs=1e-3) for _, top1 in curve)  # float32
       assert numbers["final_top1"][model][permutation] == curve[-1][1]
   import matplotlib.image
   assert matplotlib.image.imread(out).shape[1] > 1000
