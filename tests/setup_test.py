@@ -1,5 +1,6 @@
 """Run setup: config validation, the order of the start-up checks, and what a kept head must match."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from mixer import run_record, setup, train_lib, workdir_lock
+from mixer import dataset, run_record, setup, train_lib, workdir_lock
 from tests.conftest import small_config
 
 
@@ -77,3 +78,19 @@ def test_a_kept_head_must_have_been_trained_on_the_same_classes(tmp_path):
     with pytest.raises(ValueError, match=r"config.init.checkpoint=.* was trained on 2 classes that differ"):
       setup.check_same_classes(str(tmp_path), other, "config.init.checkpoint", "")
   setup.check_same_classes(str(tmp_path / "model.npz"), ("eel",), "config.init.checkpoint", "")  # no record
+
+
+def test_data_that_changed_beyond_its_classes_is_named(tmp_path, caplog):
+  record = {"class_names": ["cat", "dog"], "label_subset": "", "splits": {"train": 8}, "tfds_name": "folder",
+            "files_sha256": "a" * 64}
+  run_record.start(small_config("unused"), str(tmp_path), record, step=None)
+  same = dataset.DatasetInfo(name="folder:x", train_split="train", held_out=None, label_key="label",
+                             label_subset=None, multilabel=False, max_labels=16, class_names=("cat", "dog"),
+                             num_train_examples=8, num_eval_examples=0, min_local_train_examples=8,
+                             image_shape=(16, 16, 3), fingerprint=record)
+  assert not setup.warn_if_data_changed(str(tmp_path), same)
+  grown = dataclasses.replace(same, fingerprint={**record, "splits": {"train": 9}, "files_sha256": "b" * 64})
+  with caplog.at_level("WARNING"):
+    assert setup.warn_if_data_changed(str(tmp_path), grown)
+  assert "folder:x is not the data that the run in" in caplog.text and '"train": 8} -> {"train": 9}' in caplog.text
+  assert not setup.warn_if_data_changed(str(tmp_path / "released.npz"), grown)  # no record to compare with
