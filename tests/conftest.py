@@ -14,6 +14,24 @@ tf.config.set_visible_devices([], "GPU")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# What a test needs beyond the process it runs in (pyproject.toml describes each). A test with any of them is
+# also `slow`; a test with none is `unit`: `python -m pytest -m unit` is the fast tier.
+HEAVY_MARKERS = ("trains", "multidevice", "tpu_compile", "peer", "subprocess")
+
+# The test files that take longest on 2 CPU cores, longest first (the per-file sums of `--durations=0`).
+# .ci/run hands whole files to 2 workers in collection order (--dist loadfile --no-loadscope-reorder):
+# starting the long ones first keeps one worker from finishing its last long file alone.
+LONGEST_FILES = ()
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    heavy = [m for m in HEAVY_MARKERS if item.get_closest_marker(m)]
+    item.add_marker("slow" if heavy else "unit")
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other files keep their order
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
@@ -68,14 +86,17 @@ def small_config(data_dir: str, **overrides):
 def model_and_params(num_classes=10, image_size=16, **kwargs):
   """A small Mixer (Ti/4 on 16px RGB), its params as numpy with non-trivial values everywhere, and 2 images."""
   import jax
+  import numpy as np
 
   from mixer import models
   model = models.MlpMixer(num_classes=num_classes, **{**models.variant_kwargs("Ti/4"), **kwargs})
   x = jax.random.normal(jax.random.key(0), (2, image_size, image_size, 3))
   params = model.init(jax.random.key(1), x)["params"]
   # Non-trivial values everywhere (the head starts at zero).
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-  return model, jax.device_get(params), x
+  # In numpy: jax.random on each of the ~40 shapes would compile ~40 programs (seconds on 2 cores).
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), jax.device_get(params))
+  return model, params, x
 
 
 def restore_params(config, workdir: str):

@@ -102,7 +102,9 @@ def _train_layouts(data_dir, workdir, devices, layouts):
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.multidevice
+@pytest.mark.subprocess
 def test_same_loss_on_one_device_and_under_data_parallel_fsdp_and_tensor_parallel(data_dir, tmp_path):
   runs = _train_layouts(data_dir, str(tmp_path), 8, [("dp", {"data": 8, "model": 1}, "replicated"),
                                                      ("fsdp", {"data": 8, "model": 1}, "fsdp"),

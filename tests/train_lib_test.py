@@ -42,7 +42,7 @@ def _step_fixture(config):
   return state, step, batch
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 @pytest.mark.parametrize("loss", ["softmax_xent", "sigmoid_xent"])
 def test_train_step_fits_a_batch(data_dir, loss):
   state, step, batch = _step_fixture(small_config(data_dir, loss=loss, warmup_steps=1))
@@ -56,7 +56,7 @@ def test_train_step_fits_a_batch(data_dir, loss):
     assert float(metrics["accuracy"]) > 0.9
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_train_step_donates_the_state(data_dir):
   state, step, batch = _step_fixture(small_config(data_dir))
   old_kernel = state.params["head"]["kernel"]
@@ -64,7 +64,7 @@ def test_train_step_donates_the_state(data_dir):
   assert old_kernel.is_deleted()
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_gradient_accumulation_gives_the_same_update(data_dir):
   results = []
   for accum in (1, 4):
@@ -82,7 +82,7 @@ def test_gradient_accumulation_gives_the_same_update(data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_mixup_and_stochastic_depth_train(data_dir):
   config = small_config(data_dir, mixup=0.5, warmup_steps=1, **{"model.stoch_depth": 0.1})
   state, step, batch = _step_fixture(config)
@@ -127,7 +127,7 @@ def test_schedule_warms_up_then_decays_to_zero():
   assert float(optim.create_schedule(config, 110)(60)) == pytest.approx(0.5, abs=1e-6)  # cosine midpoint
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   workdir = str(tmp_path)
   config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, log_every_steps=5,
@@ -188,7 +188,9 @@ def _train_in_subprocess(data_dir, workdir, devices, **overrides):
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.multidevice
+@pytest.mark.subprocess
 def test_batch_not_divisible_by_devices_fails_at_start(data_dir, tmp_path):
   with pytest.raises(AssertionError, match=r"config.batch_size=36 is not a positive multiple of the 8 devices"):
     _train_in_subprocess(data_dir, str(tmp_path), devices=8, batch_size=36)
@@ -206,7 +208,8 @@ def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
       k.removeprefix("MixerBlock_0/") for k in decayed if k.startswith("MixerBlock_0/")}
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_folder, data_dir, tmp_path):
   images, workdir = tmp_path / "images", str(tmp_path / "workdir")
   shutil.copytree(digits_folder, images)
@@ -261,7 +264,7 @@ class _ImplicitTransfer:
       return results
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_the_loop_refuses_implicit_host_device_transfers(data_dir, tmp_path, monkeypatch):
   monkeypatch.setitem(evaluators.TYPES, "implicit", _ImplicitTransfer)
   config = small_config(data_dir, total_steps=2, warmup_steps=1)
