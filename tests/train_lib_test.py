@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from mixer import (
   console,
@@ -27,7 +27,7 @@ from mixer import (
   train_lib,
   trees,
 )
-from tests.conftest import DIGIT_NAMES, REPO, restore_params, run_python, small_config
+from tests.conftest import REPO, restore_params, run_python, small_config
 
 
 def _step_fixture(config):
@@ -210,11 +210,15 @@ def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
 
 @pytest.mark.trains
 @pytest.mark.subprocess
-def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_folder, data_dir, tmp_path):
+def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(data_dir, tmp_path):
   images, workdir = tmp_path / "images", str(tmp_path / "workdir")
-  shutil.copytree(digits_folder, images)
-  config = small_config(data_dir, dataset=f"folder:{images}", total_steps=2, warmup_steps=1, bad_images="skip",
-                        **{"evals.eval.every_steps": 0})
+  for label, name in enumerate(("cat", "dog", "owl")):  # 3 classes of 4 train and 2 test images
+    for split, count in (("train", 4), ("test", 2)):
+      (images / split / name).mkdir(parents=True)
+      for i in range(count):
+        Image.fromarray(np.full((16, 16, 3), 60 * label + 10 * i, np.uint8)).save(images / split / name / f"{i}.png")
+  config = small_config(data_dir, dataset=f"folder:{images}", total_steps=2, warmup_steps=1, batch_size=4,
+                        eval_batch_size=4, **{"evals.eval.every_steps": 0})
   history = train_lib.train_and_evaluate(config, workdir)
   assert history["headline"] == ("eval", "top1")  # declared by the classification evaluator
   assert console.final_message(history, config.dataset, workdir).startswith(
@@ -225,18 +229,18 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_fo
       f"Nothing to train: the checkpoint in {workdir} is already at step 2")
   assert run_record.class_names(workdir) == sorted(os.listdir(images / "train"))
 
-  (images / "train" / "seven").rename(images / "train" / "zeven")  # same shapes, another labelling.
-  (images / "test" / "seven").rename(images / "test" / "zeven")
-  with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zeven\""):
+  (images / "train" / "dog").rename(images / "train" / "zog")  # same shapes, another labelling.
+  (images / "test" / "dog").rename(images / "test" / "zog")
+  with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zog\""):
     train_lib.train_and_evaluate(config, workdir)
   # Predictions keep the names the run trained with, not the folder's new ones; top-1 against the relabelled
   # folder is refused in one line.
-  assert predict.class_names(config, 10, workdir) == sorted(DIGIT_NAMES)
+  assert predict.class_names(config, 3, workdir) == ["cat", "dog", "owl"]
   result = subprocess.run([sys.executable, "evaluate.py", f"--workdir={workdir}"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 1 and "Top-1" not in result.stdout, result
-  assert re.fullmatch(r"evaluate.py: error: --workdir=\S+ was trained on 10 classes that differ from this dataset's 10 "
-                      r"\(5: 'seven' vs 'six'; .* 9: 'zero' vs 'zeven'; recorded in its dataset.json\): .*\n",
+  assert re.fullmatch(r"evaluate.py: error: --workdir=\S+ was trained on 3 classes that differ from this dataset's 3 "
+                      r"\(1: 'dog' vs 'owl'; 2: 'owl' vs 'zog'; recorded in its dataset.json\): .*\n",
                       result.stderr), result.stderr
 
 
