@@ -77,7 +77,7 @@ def test_every_image_format_trains_evaluates_and_predicts(formats_folder, tmp_pa
     it = input_pipeline.train_iterator(c, builder, info, mesh)
     for _ in range(epochs * input_pipeline.steps_per_epoch(c, info)):  # nothing is skipped in any epoch.
       assert next(it)["image"].shape == (8, 16, 16, channels)
-    masks = [np.asarray(b["mask"]).sum() for b in input_pipeline.eval_iterator(c, builder, mesh)]
+    masks = [np.asarray(b["mask"]).sum() for b in input_pipeline.eval_iterator(c, builder, info, mesh)]
     assert sum(masks) == info.num_eval_examples
   assert not [r for r in caplog.records if "Skipped" in r.getMessage()]
   model, params, _ = model_and_params(num_classes=2)
