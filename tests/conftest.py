@@ -2,8 +2,10 @@
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -22,6 +24,29 @@ HEAVY_MARKERS = ("trains", "multidevice", "tpu_compile", "peer", "subprocess")
 # .ci/run hands whole files to 2 workers in collection order (--dist loadfile --no-loadscope-reorder):
 # starting the long ones first keeps one worker from finishing its last long file alone.
 LONGEST_FILES = ()
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the session, its pytest-xdist workers and the python processes its
+  tests start: many tests compile the same small train and eval steps (each train_and_evaluate call, and each
+  process, would otherwise compile them anew). A fresh directory per session, so no run reuses another's."""
+  if not hasattr(config, "workerinput") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the main process
+    config.jax_cache = tempfile.mkdtemp(prefix="mixer-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache  # workers and subprocesses inherit it
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # jax reads these when imported; a plugin may have imported it
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", 0)))
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "jax_cache", None):
+    shutil.rmtree(config.jax_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
