@@ -23,7 +23,8 @@ HEAVY_MARKERS = ("trains", "multidevice", "tpu_compile", "peer", "subprocess")
 # The test files that take longest on 2 CPU cores, longest first (the per-file sums of `--durations=0`).
 # .ci/run hands whole files to 2 workers in collection order (--dist loadfile --no-loadscope-reorder):
 # starting the long ones first keeps one worker from finishing its last long file alone.
-LONGEST_FILES = ()
+LONGEST_FILES = ("reliability_test.py", "finetune_test.py", "readme_test.py", "train_lib_test.py", "sharding_test.py",
+                 "tpu_test.py", "fewshot_test.py", "experiments_test.py", "benchmarks_test.py")
 
 
 def pytest_configure(config):
