@@ -20,29 +20,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # also `slow`; a test with none is `unit`: `python -m pytest -m unit` is the fast tier.
 HEAVY_MARKERS = ("trains", "multidevice", "tpu_compile", "peer", "subprocess")
 
-# The test files that take longest on 2 CPU cores, longest first (the per-file sums of `--durations=0`).
+# The test files that take longest on 2 CPU cores, longest first (per-file sums of the times in a --junitxml report).
 # .ci/run hands whole files to 2 workers in collection order (--dist loadfile --no-loadscope-reorder):
 # starting the long ones first keeps one worker from finishing its last long file alone.
-LONGEST_FILES = ("reliability_test.py", "finetune_test.py", "readme_test.py", "train_lib_test.py", "sharding_test.py",
-                 "tpu_test.py", "fewshot_test.py", "experiments_test.py", "benchmarks_test.py")
+LONGEST_FILES = ("reliability_test.py", "finetune_test.py", "readme_test.py", "train_lib_test.py", "tpu_test.py",
+                 "benchmarks_test.py", "fewshot_test.py", "models_test.py", "sharding_test.py", "pretraining_test.py",
+                 "experiments_test.py", "export_test.py", "cli_test.py", "multihost_test.py", "predict_test.py")
 
 
 def pytest_configure(config):
-  """One persistent XLA compilation cache for the session, its pytest-xdist workers and the python processes its
-  tests start: many tests compile the same small train and eval steps (each train_and_evaluate call, and each
-  process, would otherwise compile them anew). A fresh directory per session, so no run reuses another's."""
-  if not hasattr(config, "workerinput") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the main process
+  """One persistent XLA compilation cache for the session and its pytest-xdist workers: many tests compile the same
+  small train and eval steps in process (each train_and_evaluate call would compile them anew). A fresh directory
+  per session, so no run reuses another's. Not for the python processes tests start: loading a cached CPU
+  executable logs native errors (a target-feature mismatch) into the stderr that those tests read as a user would."""
+  if not hasattr(config, "workerinput") and "MIXER_TESTS_JAX_CACHE" not in os.environ:  # the main process
     config.jax_cache = tempfile.mkdtemp(prefix="mixer-tests-jax-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache  # workers and subprocesses inherit it
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # jax reads these when imported; a plugin may have imported it
+    os.environ["MIXER_TESTS_JAX_CACHE"] = config.jax_cache  # the workers inherit it; jax does not read it
+  if "MIXER_TESTS_JAX_CACHE" in os.environ:
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                      int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", 0)))
+    jax.config.update("jax_compilation_cache_dir", os.environ["MIXER_TESTS_JAX_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):
