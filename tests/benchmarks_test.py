@@ -9,9 +9,10 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.subprocess
 
 
+@pytest.mark.tpu_compile
 def test_memory_benchmark_searches_tpu_layouts_and_prints_a_table_and_json(tmp_path):
   pytest.importorskip("libtpu", reason="compiling for TPU slices needs libtpu (requirements-test.txt)")
   out = subprocess.run([sys.executable, "benchmarks/memory.py", "--config", "default", "--variants", "Ti/4",
@@ -26,6 +27,7 @@ def test_memory_benchmark_searches_tpu_layouts_and_prints_a_table_and_json(tmp_p
   assert all(r["peak_gib"] < r["hbm_gib"] == 16 for r in rows)  # fits v5e's 16 GiB
 
 
+@pytest.mark.peer
 def test_throughput_benchmark_prints_ours_timm_and_the_ratio(tmp_path):
   out = subprocess.run([sys.executable, "benchmarks/throughput.py", "--variant", "Ti/4", "--resolution", "32",
                         "--batch", "8", "--device", "cpu", "--steps", "2", "--repeats", "2",

@@ -55,7 +55,6 @@ def test_an_unfinished_save_is_not_restored(tmp_path):
   assert step == 5 and float(restored["params"]["w"][0, 0]) == 5.0
 
 
-@pytest.mark.slow
 def test_params_restore_alone_onto_a_mesh_and_a_wrong_model_lists_the_arrays(tmp_path):
   _, params, _ = model_and_params()
   adam_like = {"mu": params, "nu": params, "count": np.int32(3)}

@@ -43,7 +43,7 @@ def test_library_logs_are_quiet_unless_verbose():
   assert not cli._NATIVE_NOISE.search("W external/xla/xla/service/gpu: GPU not found, falling back to CPU")
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_evaluate_without_a_run_names_the_missing_file(tmp_path):
   result = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -51,7 +51,7 @@ def test_evaluate_without_a_run_names_the_missing_file(tmp_path):
   assert f"{tmp_path}/config.json does not exist" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_evaluate_on_a_config_json_from_before_config_evals_names_the_moved_keys(tmp_path):
   (tmp_path / "config.json").write_text('{"eval_split": "test", "fewshot": {"every_steps": 0}}')
   result = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path}"], cwd=REPO,
@@ -93,7 +93,7 @@ def test_check_writable_creates_the_directory_or_names_it_in_one_line(tmp_path, 
                       r"--output_dir=DIR writes the results elsewhere", str(error.value)), error.value
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_evaluate_refuses_a_read_only_workdir_before_evaluating_and_writes_to_output_dir(data_dir, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()

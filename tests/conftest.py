@@ -2,8 +2,10 @@
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -13,6 +15,46 @@ import tensorflow as tf  # noqa: E402
 tf.config.set_visible_devices([], "GPU")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a test needs beyond the process it runs in (pyproject.toml describes each). A test with any of them is
+# also `slow`; a test with none is `unit`: `python -m pytest -m unit` is the fast tier.
+HEAVY_MARKERS = ("trains", "multidevice", "tpu_compile", "peer", "subprocess")
+
+# The test files that take longest on 2 CPU cores, longest first (per-file sums of the times in a --junitxml report).
+# .ci/run hands whole files to 2 workers in collection order (--dist loadfile --no-loadscope-reorder):
+# starting the long ones first keeps one worker from finishing its last long file alone.
+LONGEST_FILES = ("reliability_test.py", "finetune_test.py", "readme_test.py", "train_lib_test.py", "tpu_test.py",
+                 "benchmarks_test.py", "fewshot_test.py", "models_test.py", "sharding_test.py", "pretraining_test.py",
+                 "experiments_test.py", "export_test.py", "cli_test.py", "multihost_test.py", "predict_test.py")
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the session and its pytest-xdist workers: many tests compile the same
+  small train and eval steps in process (each train_and_evaluate call would compile them anew). A fresh directory
+  per session, so no run reuses another's. Not for the python processes tests start: loading a cached CPU
+  executable logs native errors (a target-feature mismatch) into the stderr that those tests read as a user would."""
+  if not hasattr(config, "workerinput") and "MIXER_TESTS_JAX_CACHE" not in os.environ:  # the main process
+    config.jax_cache = tempfile.mkdtemp(prefix="mixer-tests-jax-cache-")
+    os.environ["MIXER_TESTS_JAX_CACHE"] = config.jax_cache  # the workers inherit it; jax does not read it
+  if "MIXER_TESTS_JAX_CACHE" in os.environ:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.environ["MIXER_TESTS_JAX_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "jax_cache", None):
+    shutil.rmtree(config.jax_cache, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    heavy = [m for m in HEAVY_MARKERS if item.get_closest_marker(m)]
+    item.add_marker("slow" if heavy else "unit")
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other files keep their order
 
 
 @pytest.fixture(scope="session")
@@ -68,14 +110,17 @@ def small_config(data_dir: str, **overrides):
 def model_and_params(num_classes=10, image_size=16, **kwargs):
   """A small Mixer (Ti/4 on 16px RGB), its params as numpy with non-trivial values everywhere, and 2 images."""
   import jax
+  import numpy as np
 
   from mixer import models
   model = models.MlpMixer(num_classes=num_classes, **{**models.variant_kwargs("Ti/4"), **kwargs})
   x = jax.random.normal(jax.random.key(0), (2, image_size, image_size, 3))
   params = model.init(jax.random.key(1), x)["params"]
   # Non-trivial values everywhere (the head starts at zero).
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-  return model, jax.device_get(params), x
+  # In numpy: jax.random on each of the ~40 shapes would compile ~40 programs (seconds on 2 cores).
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), jax.device_get(params))
+  return model, params, x
 
 
 def restore_params(config, workdir: str):

@@ -106,7 +106,7 @@ def test_overrides_without_a_config_file_are_refused():
   errors.check_config_args("config", None, ["evaluate.py", "--workdir=w"])
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_and_evaluate_end_on_a_bad_config_in_one_line_with_exit_2():
   # Where ml_collections would fail: parsing --config=FILE:ARG, an override of the default config at import, a
   # wrong value of another flag, and evaluate.py's own flags.

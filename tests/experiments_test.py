@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.trains, pytest.mark.subprocess]
 
 
 def test_permutation_experiment_writes_curves_and_numbers(data_dir, tmp_path):

@@ -62,7 +62,8 @@ def _timm_logits(tmp_path, x, params=None, pth=None, name=None, num_classes=10, 
   return np.load(tmp_path / "logits.npy")
 
 
-@pytest.mark.slow
+@pytest.mark.peer
+@pytest.mark.subprocess
 def test_timm_mixer_s16_224_loads_strictly_and_matches_with_exact_gelu(tmp_path):
   model, params, x = _ours("S/16", 10, 224, gelu_approximate=False)
   theirs = _timm_logits(tmp_path, x, params=params, name="mixer_s16_224")
@@ -72,7 +73,8 @@ def test_timm_mixer_s16_224_loads_strictly_and_matches_with_exact_gelu(tmp_path)
 _TINY = dict(img_size=16, patch_size=4, num_blocks=4, embed_dim=128)  # Ti/4: token/channel ratios 0.5 and 4.
 
 
-@pytest.mark.slow
+@pytest.mark.peer
+@pytest.mark.subprocess
 def test_tanh_gelu_weights_in_timm_differ_only_slightly(tmp_path):
   """The released weights use tanh gelu, timm exact gelu: the logits differ by about 1e-3."""
   model, params, x = _ours("Ti/4", 10, 16, gelu_approximate=True)
@@ -81,7 +83,9 @@ def test_tanh_gelu_weights_in_timm_differ_only_slightly(tmp_path):
   assert 0 < np.abs(theirs - ours).max() < 5e-3 * np.abs(ours).max() + 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.peer
+@pytest.mark.subprocess
+@pytest.mark.trains
 def test_export_command_on_a_trained_workdir_gives_its_logits_in_timm(trained_run, tmp_path):
   workdir, _ = trained_run  # the default config: Ti/4 on 16x16 grey digits, 10 classes, tanh gelu.
   out = tmp_path / "model.pth"

@@ -151,7 +151,8 @@ def _five_shot(args):
   return float(row.group(2))
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_trained_features_beat_random_ones_by_a_wide_margin(trained_run):
   workdir, history = trained_run
   assert [f["step"] for f in history["fewshot"]] == [50, 100]  # the periodic evaluator during training

@@ -11,7 +11,7 @@ from mixer import cli, params_io, setup, steps, train_lib, transfer
 from mixer.evaluators import classification
 from tests.conftest import override, restore_params, small_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.trains
 
 
 @pytest.fixture(scope="module")

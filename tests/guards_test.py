@@ -53,7 +53,7 @@ _BUSY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_ctrl_c_while_busy_in_native_code_abort_at_once():
   # Default signal handling (not a background job's ignored SIGINT), as at a terminal.
   process = subprocess.Popen([sys.executable, "-c", _BUSY], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -101,7 +101,8 @@ _TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.multidevice
 def test_processes_agree_on_abandoning_an_evaluation():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -92,7 +92,6 @@ def test_batch_larger_than_the_data_is_an_error(data_dir, mesh):
     next(input_pipeline.train_iterator(config, builder, info, mesh))
 
 
-@pytest.mark.slow
 def test_imagenet2012_config_on_mock_data(tmp_path, mesh):
   config = mixer_b16_imagenet2012.get_config()
   config.data_dir = str(tmp_path)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.trains, pytest.mark.multidevice, pytest.mark.subprocess]
 
 _PHASES = """
 import json, sys

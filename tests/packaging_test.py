@@ -26,7 +26,7 @@ print(json.dumps({"mixer": mixer.__file__, "sys_path": sys.path, "dataset": defa
 """
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_an_editable_install_works_from_another_directory(tmp_path):
   env_dir, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
   elsewhere.mkdir()

@@ -30,6 +30,7 @@ def test_finetuning_lr_must_be_in_the_papers_grid():
   assert dict((f, m) for f, _, _, m in paper.compare("finetune_cifar10", config))["lr"] == "UNMARKED"
 
 
+@pytest.mark.subprocess
 def test_the_table_prints_every_config():
   result = subprocess.run([sys.executable, "-m", "mixer.paper"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]

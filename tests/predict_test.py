@@ -66,7 +66,7 @@ def test_bad_top_and_batch_size_are_refused_before_any_work():
       predict.predict(default.get_config(), None, None, ["unread.png"], top=top, batch_size=batch_size)
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_command_line_errors_are_one_line_each(digits_folder, tmp_path):
   image = f"{digits_folder}/test/one/032.png"
   (tmp_path / "empty").mkdir()

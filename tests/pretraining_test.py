@@ -15,8 +15,6 @@ from mixer import setup, train_lib
 from mixer.datasets import imagenet21k
 from tests.conftest import mock_tfds
 
-pytestmark = pytest.mark.slow
-
 
 def _shrink(config, data_dir, workdir):
   """The recipe as it is (pipeline, loss, mixup, optimizer), on a tiny model for a few steps."""
@@ -35,6 +33,7 @@ def _shrink(config, data_dir, workdir):
     ("imagenet2012", mixer_imagenet2012.get_config, {"train": 16, "validation": 16}),
     ("imagenet21k/fall11", mixer_imagenet21k.get_config, {"train": 16, "validation": 16}),
 ])
+@pytest.mark.trains
 def test_pretraining_recipe_runs_on_mock_data(name, get_config, splits, tmp_path):
   config = get_config("b16")
   assert "randaugment" in config.pp_train and config.mixup > 0
@@ -45,6 +44,7 @@ def test_pretraining_recipe_runs_on_mock_data(name, get_config, splits, tmp_path
   assert history["eval"][-1]["num_examples"] == 16
 
 
+@pytest.mark.trains
 def test_jft_style_config_trains_on_multilabel_data(tmp_path):
   """ImageNet-ReaL has a Sequence of labels per image, the shape of JFT's."""
   config = mixer_jft.get_config("b16")

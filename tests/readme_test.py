@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import DIGIT_NAMES, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.trains, pytest.mark.subprocess]
 
 SHORT = ("--config.total_steps=6", "--config.warmup_steps=2", "--config.batch_size=32")
 # Documented command -> the flags a test here adds.

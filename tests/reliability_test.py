@@ -42,7 +42,8 @@ def _params(workdir):
   return step, jax.tree.leaves(params)
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_sigterm_during_an_evaluation_checkpoints_in_seconds_and_the_resumed_run_is_bit_identical(data_dir, tmp_path):
   # Evaluations at steps 50 and 60; the first one compiles its step, then runs 6 batches.
   total = ["--config.total_steps=60", "--config.checkpoint_every_steps=1000", "--config.evals.eval.every_steps=50"]
@@ -73,29 +74,39 @@ def test_sigterm_during_an_evaluation_checkpoints_in_seconds_and_the_resumed_run
     np.testing.assert_array_equal(a, b)  # bit-identical, not merely close.
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
-  # A large state (B-size blocks on 4x4 tokens: ~690 MB with Adam) so that each save takes a while.
-  flags = ["--config.model.variant=B/4", "--config.total_steps=6", "--config.checkpoint_every_steps=2",
-           "--config.batch_size=8", "--config.keep_checkpoints=2", "--config.warmup_steps=1"]
+  # Saves every 2 steps. When a save's temporary directory appears the trainer is stopped (SIGSTOP), so that what
+  # is on disk stays as it is: a save still unfinished gets the SIGKILL, a finished one lets the run go on to the
+  # next save. No large state is needed to make a save last long enough to be caught.
+  flags = ["--config.total_steps=20", "--config.checkpoint_every_steps=2", "--config.batch_size=8",
+           "--config.keep_checkpoints=2", "--config.warmup_steps=1"]
   with open(tmp_path / "log.txt", "w") as log_file:  # a file, not a pipe nobody reads while we poll
     process = _train(tmp_path, data_dir, *flags, stdout=log_file, stderr=subprocess.STDOUT)
   directory = tmp_path / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:  # checkpoint 2 complete, 4 being written
-    names = os.listdir(directory) if directory.exists() else []
-    if "2" in names and any(n.startswith("4.") and "tmp" in n for n in names):
-      process.kill()
-      break
-    time.sleep(0.005)
+  saving = lambda names: [n for n in names if "tmp" in n]
+  caught, deadline = None, time.time() + 300
+  while caught is None and time.time() < deadline and process.poll() is None:
+    if saving(os.listdir(directory) if directory.exists() else []):
+      process.send_signal(signal.SIGSTOP)
+      names = os.listdir(directory)  # as the killed process leaves it
+      complete = sorted(int(n) for n in names if n.isdigit())
+      if saving(names) and complete:
+        caught = (int(saving(names)[0].split(".")[0]), complete[-1])
+        process.kill()
+      process.send_signal(signal.SIGCONT)  # killed, or runs on to its next save
+    time.sleep(0.002)
   process.wait()
-  assert process.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
-  assert any("tmp" in n for n in os.listdir(directory))  # the unfinished save is there...
+  assert caught and process.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
+  saved_at, previous = caught
+  assert previous == saved_at - 2 and str(previous) in os.listdir(directory)  # the save before it finished
+  assert saving(os.listdir(directory))  # the unfinished save is there...
   code, log = _finish(_train(tmp_path, data_dir, *flags, "--config.checkpoint_every_steps=1000"))
   assert code == 0, log[-3000:]
-  assert "Restored checkpoint from step 2" in log  # ...and ignored: the newest complete one is used.
+  assert f"Restored checkpoint from step {previous}" in log  # ...and ignored: the newest complete one is used.
   assert "Final test top-1" in log
-  assert not any("tmp" in n for n in os.listdir(directory))
+  assert not saving(os.listdir(directory))
 
 
 def _nan_config(data_dir, policy):
@@ -104,14 +115,14 @@ def _nan_config(data_dir, policy):
                       keep_checkpoints=10, nan_policy=policy)
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(data_dir, tmp_path):
   with pytest.raises(guards.NonFiniteLossError, match=r"non-finite loss or gradients at step 3 .*from step 2"):
     train_lib.train_and_evaluate(_nan_config(data_dir, "stop"), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_non_finite_updates_can_be_skipped(data_dir, tmp_path):
   history = train_lib.train_and_evaluate(_nan_config(data_dir, "skip"), str(tmp_path))
   assert [t["nonfinite"] for t in history["train"]] == [0, 0, 1, 1, 1, 1, 1, 1]
@@ -131,7 +142,7 @@ def test_non_finite_updates_can_be_skipped(data_dir, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_same_config_and_seed_give_the_same_params(data_dir, tmp_path):
   config = small_config(data_dir, total_steps=10, mixup=0.2, **{"model.dropout_rate": 0.1})
   runs = []
@@ -156,13 +167,14 @@ def broken_data_dir(tmp_path_factory):
   return path
 
 
+@pytest.mark.unit
 def test_unreadable_image_fails_naming_the_dataset(broken_data_dir, tmp_path):
   config = small_config(broken_data_dir, dataset="broken_digits", batch_size=8, total_steps=6)
   with pytest.raises(ValueError, match=r"an image of broken_digits:train could not be read .*bad_images=skip"):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_unreadable_images_can_be_skipped_and_counted(broken_data_dir, tmp_path, caplog):
   config = small_config(broken_data_dir, dataset="broken_digits", batch_size=8, total_steps=6, bad_images="skip")
   with caplog.at_level("WARNING"):
@@ -172,6 +184,7 @@ def test_unreadable_images_can_be_skipped_and_counted(broken_data_dir, tmp_path,
   assert history["eval"][-1]["num_examples"] == 38  # the test split's 40, less its 2 broken images
 
 
+@pytest.mark.unit
 def test_workdir_that_is_not_writable_fails_at_start(data_dir, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
@@ -198,7 +211,7 @@ def _tree(path):
   return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_a_rerun_with_another_model_names_the_config_keys_and_changes_nothing(trained_workdir, tmp_path):
   workdir, config = copy_workdir(trained_workdir, tmp_path)
   before = _tree(workdir)
@@ -223,7 +236,7 @@ def _damage_newest_checkpoints(workdir):
   (directory / "6").mkdir()
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_damaged_newest_checkpoints_are_moved_aside_and_the_newest_intact_one_resumes(trained_workdir, tmp_path,
                                                                                       caplog):
   workdir, config = copy_workdir(trained_workdir, tmp_path)
@@ -248,7 +261,8 @@ def test_damaged_newest_checkpoints_are_moved_aside_and_the_newest_intact_one_re
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["1", "2", "3", "4", "5", "6"]  # new 3-6
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_line(data_dir, tmp_path):
   directory = tmp_path / "checkpoints"
   directory.mkdir()
@@ -285,7 +299,8 @@ def _wait_for(path, text, process, timeout=240):
   raise AssertionError(f"{text!r} not seen:\n{path.read_text()[-3000:] if path.exists() else ''}")
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, caplog):
   workdir, log = tmp_path / "run", tmp_path / "log.txt"
   flags = ["--config.total_steps=5000", "--config.checkpoint_every_steps=5000", "--config.batch_size=32",
@@ -323,7 +338,7 @@ def test_one_trainer_per_workdir_and_ctrl_c_checkpoints(data_dir, tmp_path, capl
   assert not (workdir / "train.lock").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_skipping_non_finite_steps_gives_up_past_max_nonfinite_steps(data_dir, tmp_path, caplog):
   config = override(_nan_config(data_dir, "skip"), max_nonfinite_steps=3)
   expected = r"at step 6: 4 steps in a row skipped, more than config.max_nonfinite_steps=3"
@@ -341,6 +356,7 @@ def _cli_error(*args):
   return result.stderr.strip()
 
 
+@pytest.mark.subprocess
 def test_bad_flags_fail_in_one_line_naming_the_flag(tmp_path):
   # Each fails while the flags are parsed (well under a second).
   assert _cli_error(f"--workdir={tmp_path}", "--config.learning_rate=0.1") == (

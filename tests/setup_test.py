@@ -59,6 +59,7 @@ def test_gradient_accumulation_splits_each_data_shard():
                                      mesh={"data": 2, "model": -1}), num_devices=8, num_processes=1)
 
 
+@pytest.mark.unit
 def test_a_live_lock_is_refused_before_the_data_is_read(tmp_path):
   workdir, data_dir = tmp_path / "workdir", tmp_path / "tfds"
   workdir.mkdir()

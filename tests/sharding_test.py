@@ -2,13 +2,14 @@
 parameter layout (data parallel, FSDP, FSDP + tensor parallel) on 8 simulated CPU devices as on one."""
 
 import json
+import os
 import types
 
 import numpy as np
 import pytest
 
-from mixer import sharding, trees
-from tests.conftest import run_python
+from mixer import optim, setup, sharding, steps, train_lib, trees
+from tests.conftest import run_python, small_config
 
 
 def test_presets_and_explicit_rules():
@@ -76,38 +77,35 @@ def test_a_data_shard_must_not_span_processes():
     sharding.check_data_shards_per_process(devices.T, {"data": 2, "model": 2})
 
 
-_LAYOUTS = """
-import json
-import jax
-from tests.conftest import small_config
-from mixer import optim, setup, steps, train_lib
-out = {}
-for name, mesh, rules in %(layouts)r:
-  config = small_config(%(data_dir)r, total_steps=8, param_sharding=rules, mesh=mesh)
-  history = train_lib.train_and_evaluate(config, %(workdir)r + "/" + name)
-  mesh, _, info = setup.setup(config)
-  tx = optim.create_optimizer(config, optim.create_schedule(config, 8))
-  state, _ = steps.create_train_state(setup.create_model(config, info), tx, info.image_shape, mesh, 0, rules)
-  kernel = state.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
-  mu = state.opt_state[1][0].mu["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
-  out[name] = {"loss": [t["loss"] for t in history["train"]], "top1": history["eval"][-1]["top1"],
-               "kernel": list(kernel.shape), "kernel_shard": list(kernel.addressable_shards[0].data.shape),
-               "mu_shard": list(mu.addressable_shards[0].data.shape)}
-print(json.dumps(out))
-"""
+def layout_results(data_dir: str, workdir: str, layouts) -> dict:
+  """Per (name, mesh, param_sharding) layout: the losses and final top-1 of a short run, and how the layout
+  splits a channel-mixing kernel and its Adam moment (from the shardings the loop initialises the state with)."""
+  out = {}
+  for name, mesh, rules in layouts:
+    config = small_config(data_dir, total_steps=8, param_sharding=rules, mesh=mesh)
+    history = train_lib.train_and_evaluate(config, os.path.join(workdir, name))
+    mesh, _, info = setup.setup(config)
+    tx = optim.create_optimizer(config, optim.create_schedule(config, 8))
+    shapes, _ = steps.abstract_train_state(setup.create_model(config, info), tx, info.image_shape, mesh, rules)
+    kernel = shapes.params["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
+    mu = shapes.opt_state[1][0].mu["MixerBlock_0"]["channel_mixing"]["Dense_0"]["kernel"]
+    out[name] = {"loss": [t["loss"] for t in history["train"]], "top1": history["eval"][-1]["top1"],
+                 "kernel": list(kernel.shape), "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape)),
+                 "mu_shard": list(mu.sharding.shard_shape(mu.shape))}
+  return out
 
 
-def _train_layouts(data_dir, workdir, devices, layouts):
-  out = run_python(_LAYOUTS % {"data_dir": data_dir, "workdir": workdir, "layouts": layouts}, devices=devices)
-  return json.loads(out.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.multidevice
+@pytest.mark.subprocess
 def test_same_loss_on_one_device_and_under_data_parallel_fsdp_and_tensor_parallel(data_dir, tmp_path):
-  runs = _train_layouts(data_dir, str(tmp_path), 8, [("dp", {"data": 8, "model": 1}, "replicated"),
-                                                     ("fsdp", {"data": 8, "model": 1}, "fsdp"),
-                                                     ("fsdp_tensor", {"data": 4, "model": 2}, "fsdp_tensor")])
-  runs.update(_train_layouts(data_dir, str(tmp_path), 1, [("one", {"data": -1, "model": 1}, "replicated")]))
+  layouts = [("dp", {"data": 8, "model": 1}, "replicated"), ("fsdp", {"data": 8, "model": 1}, "fsdp"),
+             ("fsdp_tensor", {"data": 4, "model": 2}, "fsdp_tensor")]
+  out = run_python(f"import json\nfrom tests.sharding_test import layout_results\n"
+                   f"print(json.dumps(layout_results({data_dir!r}, {str(tmp_path)!r}, {layouts!r})))", devices=8)
+  runs = json.loads(out.strip().splitlines()[-1])
+  # One device: this process's own.
+  runs.update(layout_results(data_dir, str(tmp_path), [("one", {"data": -1, "model": 1}, "replicated")]))
   assert len(runs["one"]["loss"]) == 8 and runs["one"]["loss"][-1] < runs["one"]["loss"][0]
   assert runs["dp"]["kernel"] == [128, 512] and runs["dp"]["kernel_shard"] == [128, 512]
   assert runs["fsdp"]["kernel_shard"] == [16, 512] and runs["fsdp"]["mu_shard"] == [16, 512]

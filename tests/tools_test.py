@@ -119,7 +119,7 @@ def test_a_gpu_trace_counts_device_kernels_by_hlo_op_and_reports_the_rest(tmp_pa
   assert summary["top_unmatched"] == [{"event": "memcpy_DtoD", "ms_per_step": pytest.approx(0.004)}]
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_step_profile_splits_the_step_by_op_kind_and_model_part(tmp_path):
   out = subprocess.run([sys.executable, "tools/step_profile.py", "--variant", "Ti/4", "--resolution", "32",
                         "--batch", "8", "--device", "cpu", "--steps", "2", "--trace_dir", str(tmp_path / "trace"),
@@ -136,7 +136,7 @@ def test_step_profile_splits_the_step_by_op_kind_and_model_part(tmp_path):
   assert any(op["model_part"].startswith("channel_mixing") for op in result["top_ops"])
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_compiled_cost_counts_the_architectures_matmul_flops(tmp_path):
   out = subprocess.run([sys.executable, "tools/compiled_cost.py", "--variant", "Ti/4", "--resolution", "32",
                         "--batch", "8", "--target", "cpu", "--json", str(tmp_path / "c.json")],

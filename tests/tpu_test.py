@@ -53,7 +53,8 @@ def checks():
   return json.loads(run_python(_LIBRARY_CHECKS, timeout=300).strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
+@pytest.mark.subprocess
 def test_fsdp_splits_the_state_over_the_data_axis_and_fits(checks):
   replicated, fsdp = checks["replicated"], checks["fsdp"]
   assert replicated["devices"] == 4 and replicated["fits"] and fsdp["fits"]
@@ -64,19 +65,22 @@ def test_fsdp_splits_the_state_over_the_data_axis_and_fits(checks):
   assert 0 < replicated["peak"] < replicated["hbm_bytes"] and replicated["seconds"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
+@pytest.mark.subprocess
 def test_compiled_steps_have_the_expected_collectives(checks):
   replicated, fsdp = checks["replicated"]["collectives"], checks["fsdp"]["collectives"]
   assert replicated["all-reduce"] > 0 and replicated["all-gather"] == 0  # gradients summed, params whole.
   assert fsdp["all-gather"] > 0 and fsdp["reduce-scatter"] > 0  # params gathered, gradients scattered.
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
+@pytest.mark.subprocess
 def test_multi_host_slices_compile(checks):
   assert checks["v4"] == {"devices": 8, "hosts": 2, "fits": True, "kind": "TPU v4"}
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
+@pytest.mark.subprocess
 def test_bad_slices_batches_and_meshes_are_named(checks):
   errors = checks["errors"]
   assert "--compile_for='v9:2x2'" in errors["topology"] and "v3:8x16" in errors["topology"]
@@ -85,7 +89,8 @@ def test_bad_slices_batches_and_meshes_are_named(checks):
   assert "config.mesh" in errors["mesh"]
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
+@pytest.mark.subprocess
 def test_train_py_compile_for_exits_1_naming_what_to_change():
   # A 12M-class head: 17 GiB of parameters and Adam moments per device, over a v5e device's 16 GiB.
   out = subprocess.run([sys.executable, "train.py", "--compile_for=v5e:2x2", "--config.num_classes=12000000"],
@@ -98,6 +103,7 @@ def test_train_py_compile_for_exits_1_naming_what_to_change():
     assert change in out.stdout
 
 
+@pytest.mark.subprocess
 def test_without_libtpu_the_error_says_how_to_install_it():
   code = "import sys; sys.modules['libtpu'] = None\nfrom mixer import tpu\ntry:\n  tpu.topology('v5e:2x2')\n" \
          "except ValueError as e:\n  print(e)"

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from mixer import (
   console,
@@ -27,7 +27,7 @@ from mixer import (
   train_lib,
   trees,
 )
-from tests.conftest import DIGIT_NAMES, REPO, restore_params, run_python, small_config
+from tests.conftest import REPO, restore_params, run_python, small_config
 
 
 def _step_fixture(config):
@@ -42,7 +42,7 @@ def _step_fixture(config):
   return state, step, batch
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 @pytest.mark.parametrize("loss", ["softmax_xent", "sigmoid_xent"])
 def test_train_step_fits_a_batch(data_dir, loss):
   state, step, batch = _step_fixture(small_config(data_dir, loss=loss, warmup_steps=1))
@@ -56,7 +56,7 @@ def test_train_step_fits_a_batch(data_dir, loss):
     assert float(metrics["accuracy"]) > 0.9
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_train_step_donates_the_state(data_dir):
   state, step, batch = _step_fixture(small_config(data_dir))
   old_kernel = state.params["head"]["kernel"]
@@ -64,7 +64,7 @@ def test_train_step_donates_the_state(data_dir):
   assert old_kernel.is_deleted()
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_gradient_accumulation_gives_the_same_update(data_dir):
   results = []
   for accum in (1, 4):
@@ -82,7 +82,7 @@ def test_gradient_accumulation_gives_the_same_update(data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_mixup_and_stochastic_depth_train(data_dir):
   config = small_config(data_dir, mixup=0.5, warmup_steps=1, **{"model.stoch_depth": 0.1})
   state, step, batch = _step_fixture(config)
@@ -127,7 +127,7 @@ def test_schedule_warms_up_then_decays_to_zero():
   assert float(optim.create_schedule(config, 110)(60)) == pytest.approx(0.5, abs=1e-6)  # cosine midpoint
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   workdir = str(tmp_path)
   config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, log_every_steps=5,
@@ -188,7 +188,9 @@ def _train_in_subprocess(data_dir, workdir, devices, **overrides):
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.multidevice
+@pytest.mark.subprocess
 def test_batch_not_divisible_by_devices_fails_at_start(data_dir, tmp_path):
   with pytest.raises(AssertionError, match=r"config.batch_size=36 is not a positive multiple of the 8 devices"):
     _train_in_subprocess(data_dir, str(tmp_path), devices=8, batch_size=36)
@@ -206,12 +208,17 @@ def test_weight_decay_masks_kernels_only_with_looped_or_scanned_blocks():
       k.removeprefix("MixerBlock_0/") for k in decayed if k.startswith("MixerBlock_0/")}
 
 
-@pytest.mark.slow
-def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_folder, data_dir, tmp_path):
+@pytest.mark.trains
+@pytest.mark.subprocess
+def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(data_dir, tmp_path):
   images, workdir = tmp_path / "images", str(tmp_path / "workdir")
-  shutil.copytree(digits_folder, images)
-  config = small_config(data_dir, dataset=f"folder:{images}", total_steps=2, warmup_steps=1, bad_images="skip",
-                        **{"evals.eval.every_steps": 0})
+  for label, name in enumerate(("cat", "dog", "owl")):  # 3 classes of 4 train and 2 test images
+    for split, count in (("train", 4), ("test", 2)):
+      (images / split / name).mkdir(parents=True)
+      for i in range(count):
+        Image.fromarray(np.full((16, 16, 3), 60 * label + 10 * i, np.uint8)).save(images / split / name / f"{i}.png")
+  config = small_config(data_dir, dataset=f"folder:{images}", total_steps=2, warmup_steps=1, batch_size=4,
+                        eval_batch_size=4, **{"evals.eval.every_steps": 0})
   history = train_lib.train_and_evaluate(config, workdir)
   assert history["headline"] == ("eval", "top1")  # declared by the classification evaluator
   assert console.final_message(history, config.dataset, workdir).startswith(
@@ -222,18 +229,18 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(digits_fo
       f"Nothing to train: the checkpoint in {workdir} is already at step 2")
   assert run_record.class_names(workdir) == sorted(os.listdir(images / "train"))
 
-  (images / "train" / "seven").rename(images / "train" / "zeven")  # same shapes, another labelling.
-  (images / "test" / "seven").rename(images / "test" / "zeven")
-  with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zeven\""):
+  (images / "train" / "dog").rename(images / "train" / "zog")  # same shapes, another labelling.
+  (images / "test" / "dog").rename(images / "test" / "zog")
+  with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 2 .*class_names: .*\"zog\""):
     train_lib.train_and_evaluate(config, workdir)
   # Predictions keep the names the run trained with, not the folder's new ones; top-1 against the relabelled
   # folder is refused in one line.
-  assert predict.class_names(config, 10, workdir) == sorted(DIGIT_NAMES)
+  assert predict.class_names(config, 3, workdir) == ["cat", "dog", "owl"]
   result = subprocess.run([sys.executable, "evaluate.py", f"--workdir={workdir}"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 1 and "Top-1" not in result.stdout, result
-  assert re.fullmatch(r"evaluate.py: error: --workdir=\S+ was trained on 10 classes that differ from this dataset's 10 "
-                      r"\(5: 'seven' vs 'six'; .* 9: 'zero' vs 'zeven'; recorded in its dataset.json\): .*\n",
+  assert re.fullmatch(r"evaluate.py: error: --workdir=\S+ was trained on 3 classes that differ from this dataset's 3 "
+                      r"\(1: 'dog' vs 'owl'; 2: 'owl' vs 'zog'; recorded in its dataset.json\): .*\n",
                       result.stderr), result.stderr
 
 
@@ -261,7 +268,7 @@ class _ImplicitTransfer:
       return results
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_the_loop_refuses_implicit_host_device_transfers(data_dir, tmp_path, monkeypatch):
   monkeypatch.setitem(evaluators.TYPES, "implicit", _ImplicitTransfer)
   config = small_config(data_dir, total_steps=2, warmup_steps=1)

@@ -19,7 +19,8 @@ def test_weight_mosaic_tiles_each_unit_as_its_token_grid():
   assert np.isnan(mosaic[4, 0]) and np.isnan(mosaic[5:9, 10:14]).all()  # a gap and the unused 6th tile
 
 
-@pytest.mark.slow
+@pytest.mark.trains
+@pytest.mark.subprocess
 def test_visualize_writes_a_png_of_weights_and_curves(trained_run, tmp_path):
   workdir, history = trained_run
   scalars = visualize.read_scalars(workdir)
