@@ -197,6 +197,16 @@ def class_names(splits: dict[str, list[tuple[str, str]]]) -> list[str]:
   return sorted({label for examples in splits.values() for _, label in examples})
 
 
+def files_digest(root: str, splits: dict) -> str:
+  """sha256 of a scan's file list (each file's split, class, path under root and size), not of its location or
+  times: the same for a copied folder, another for a renamed class or an added file. The run's record keeps it."""
+  digest = hashlib.sha256()
+  for split, examples in sorted(splits.items()):
+    for path, label in examples:
+      digest.update(f"{split}\0{label}\0{os.path.relpath(path, root)}\0{os.path.getsize(path)}\n".encode())
+  return digest.hexdigest()
+
+
 def _fingerprint(root: str, splits: dict) -> str:
   digest = hashlib.sha256(os.path.abspath(root).encode())
   for split, examples in sorted(splits.items()):
@@ -289,6 +299,11 @@ class Folder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     return {split: self._generate_examples(examples) for split, examples in self._splits.items()}
+
+  @property
+  def files_digest(self) -> str:
+    """files_digest of the folder as this builder scanned it."""
+    return files_digest(self._root, self._splits)
 
   def _generate_examples(self, examples):
     for path, label in examples:
