@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.allow_changes = ""
 
   config.log_every_steps = 10
+  # JAX's persistent compilation cache, so that a restart or a resumed run loads its compiled steps instead of
+  # compiling them again: "auto" (beside a gs:// workdir, else ~/.cache/mixer/; mixer/compilation.py says why),
+  # "none" (off), or a directory (local or gs://).
+  config.compile_cache_dir = "auto"
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 3
   return config

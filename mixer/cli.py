@@ -45,12 +45,13 @@ def initialize_distributed() -> None:
 
 
 # Library lines that say nothing to a researcher (TensorFlow's start-up banners; libtpu's complaints on
-# a host that is no TPU VM): dropped by default, shown with --verbosity=1.
+# a host that is no TPU VM; XLA:CPU's target-feature lines on loading an executable from the compilation cache,
+# two per executable): dropped by default, shown with --verbosity=1.
 _NATIVE_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|oneDNN custom operations are on|cpu_feature_guard|"
     r"To enable the following instructions|rebuild TensorFlow with the appropriate|TPU accelerator type|"
     r"TPU_WORKER_HOSTNAMES|TPU worker hostnames|Logging before InitGoogle|Source Location Trace|"
-    r"libtpu_init_utils|^\s*$")
+    r"libtpu_init_utils|cpu_aot_loader|^\s*$")
 _OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mixer/, train.py, evaluate.py
 _CHATTY = ("/orbax/", "/jax/", "/jaxlib/", "/tensorflow_datasets/", "/clu/", "/matplotlib/", "/etils/")
 

@@ -1,10 +1,12 @@
 """What a training run tells a person at the console: a short header and a progress line with loss,
-images/s and ETA every few seconds on a terminal (less often into a log file)."""
+images/s, TFLOP/s per device and ETA every few seconds on a terminal (less often into a log file)."""
 
 import sys
 import time
 
 from absl import logging
+
+from mixer import flops
 
 TERMINAL_EVERY_S = 5.0  # a person watching
 LOG_FILE_EVERY_S = 60.0  # a log file read later
@@ -32,13 +34,17 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-  """Logs `step/total  loss  acc  img/s  ETA` at most every `every_s` seconds, and always at the last step.
+  """Logs `step/total  loss  acc  img/s  TFLOP/s per device (MFU)  ETA` at most every `every_s` seconds, and
+  always at the last step. TFLOP/s with `flops_per_image` (a train step's, per device: mixer/flops.py), MFU
+  where the device's `peak` FLOP/s is known.
 
   Speed and ETA count from the first report on, so that compilation does not distort them.
   """
 
-  def __init__(self, total_steps: int, batch_size: int, every_s: float | None = None, clock=time.monotonic):
+  def __init__(self, total_steps: int, batch_size: int, every_s: float | None = None, clock=time.monotonic,
+               flops_per_image: float | None = None, peak: float | None = None):
     self.total, self.batch, self.clock = total_steps, batch_size, clock
+    self.flops_per_image, self.peak = flops_per_image, peak
     self.every_s = every_s if every_s is not None else (TERMINAL_EVERY_S if sys.stderr.isatty() else
                                                         LOG_FILE_EVERY_S)
     self._last_time = self._last_step = None
@@ -54,7 +60,11 @@ class Progress:
       parts.append(f"train acc {metrics['accuracy']:.3f}")
     if self._first_time is not None and step > self._first_step and now > self._first_time:
       per_step = (now - self._first_time) / (step - self._first_step)
-      parts += [f"{self.batch / per_step:,.0f} img/s", f"ETA {_duration(per_step * (self.total - step))}"]
+      parts.append(f"{self.batch / per_step:,.0f} img/s")
+      if self.flops_per_image:
+        achieved = self.flops_per_image * self.batch / per_step
+        parts.append(flops.format_rate(achieved / 1e12, achieved / self.peak if self.peak else None))
+      parts.append(f"ETA {_duration(per_step * (self.total - step))}")
     else:
       self._first_time, self._first_step = now, step
     self._last_time, self._last_step = now, step

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from mixer import dataset, evaluators, input_pipeline, models, run_record, sharding, steps, transfer
+from mixer import compilation, dataset, evaluators, input_pipeline, models, run_record, sharding, steps, transfer
 
 # Values that train without an error but cannot be right: a negative learning rate is gradient ascent.
 # A clip norm of 0 zeroes every update (optax.clip_by_global_norm); the loop always clips.
@@ -67,6 +67,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   for key in ("max_nonfinite_steps", "max_nonfinite_total"):
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be 0 or more")
+  compilation.validate(config.compile_cache_dir)
   evaluators.validate(config)
 
 

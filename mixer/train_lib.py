@@ -1,6 +1,8 @@
 """The training loop: resume, train steps, periodic evaluators and checkpoints, stop requests."""
 
+import itertools
 import signal
+import time
 from typing import Any
 
 import jax
@@ -10,15 +12,18 @@ from clu import metric_writers, periodic_actions
 
 from mixer import (
   checkpoints,
+  compilation,
   console,
   dataset,
   evaluators,
+  flops,
   guards,
   input_pipeline,
   models,
   optim,
   run_record,
   setup,
+  sharding,
   steps,
   transfer,
   trees,
@@ -37,24 +42,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   (workdir_lock.WorkdirLockedError when another trainer holds it). The run's record (config.json,
   dataset.json) is written, or a resume checked against it (run_record.RunChangedError), only once the
   checkpoint, if any, has restored. history["headline"] names the evaluator and metric of the run's result.
+  history["startup"] says how the run started: seconds to its first step, the train step's compile seconds, whether
+  it came from the persistent compilation cache (config.compile_cache_dir), and XLA's FLOPs per device of a step.
   """
+  started = time.monotonic()
   # The cheap checks first: a workdir that cannot be used fails before the data is read.
   setup.validate_config(config, jax.device_count(), jax.process_count())
   setup.check_workdir(workdir)
-  with workdir_lock.held(workdir):
+  with workdir_lock.held(workdir), compilation.persistent_cache(config.compile_cache_dir, workdir) as cache:
     mesh, builder, info = setup.setup(config)
     config, pretrained = setup.load_pretrained(config, info)
     model = setup.create_model(config, info)
-    return _train_and_evaluate(config, workdir, mesh, builder, info, model, pretrained)
+    return _train_and_evaluate(config, workdir, mesh, builder, info, model, pretrained, started, cache)
 
 
 def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.DatasetInfo, model: models.MlpMixer,
-                        pretrained: dict | None) -> dict[str, Any]:
+                        pretrained: dict | None, started: float, cache: str | None) -> dict[str, Any]:
   num_steps = setup.total_steps(config, info)
   schedule = optim.create_schedule(config, num_steps)
   tx = optim.create_optimizer(config, schedule)
-  state, state_sharding = steps.create_train_state(model, tx, info.image_shape, mesh, config.seed,
-                                                   config.param_sharding)
+  with compilation.quiet_cache_loads():
+    state, state_sharding = steps.create_train_state(model, tx, info.image_shape, mesh, config.seed,
+                                                     config.param_sharding)
 
   manager = checkpoints.create_manager(workdir, config)
   try:
@@ -85,7 +94,10 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
     return {"train": [], **{name: [] for name in config.evals}, "start_step": start_step, "final_step": start_step,
             "headline": None}
 
-  progress = console.Progress(num_steps, config.batch_size)
+  flops_per_image = flops.train_flops_per_image(model, info.image_shape) / jax.device_count()  # per device
+  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  progress = console.Progress(num_steps, config.batch_size, flops_per_image=flops_per_image, peak=peak)
+  utilization = flops.Utilization(flops_per_image * config.batch_size, peak)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(_flatten(config.to_dict()))
@@ -95,7 +107,7 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
   headline = evaluators.headline(evals)
   batches = input_pipeline.train_iterator(config, builder, info, mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
-  rng = jax.random.key(config.seed + 1)
+  rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))  # where the step wants it
 
   history = {"train": [], **{name: [] for name in evals}, "start_step": start_step, "headline": headline}
   sync_every = steps.sync_every()
@@ -119,6 +131,7 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
     last = pending[-1][0]
     summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     summary["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
+    summary.update(utilization.update(last))  # tflops_per_device, mfu: since the previous fetch
     writer.write_scalars(last, {f"train/{k}": v for k, v in summary.items()})
     history["train"].append({"step": last, **summary})
     progress.report(last, summary)
@@ -129,9 +142,20 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
   with guards.Preemption() as preemption, jax.transfer_guard("disallow"):
     # An evaluation asks before each batch whether to stop; several processes agree every sync_every batches.
     stop_evaluation = lambda batch: preemption.requested(batch, batch % sync_every == 0)
+    # The train step compiles before the first step (or loads from the cache), with the first batch's shapes; the
+    # evaluators' steps compile at their first evaluation, so the first step waits for none of them.
+    first = next(batches)
+    compiled = compilation.compile_ahead(train_step, state, first, rng)
+    batches = itertools.chain([first], batches)
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_step(state, next(batches), rng)
+        state, metrics = compiled.step(state, next(batches), rng)
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        history["startup"] = {"first_step_seconds": time.monotonic() - started, "compile_seconds": compiled.seconds,
+                              "from_cache": compiled.from_cache, "cache_dir": cache,
+                              "xla_flops_per_device": compiled.cost.get("flops")}
+        logging.info("%s", compilation.first_step_line(history["startup"]["first_step_seconds"], compiled, cache))
       pending.append((step, metrics))
       checkpoints.raise_if_save_failed(manager)
       for hook in hooks:
@@ -145,10 +169,12 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
         if evaluators.due(evaluator, step, num_steps):
           logging.debug("Step %d: evaluating %s", step, name)
           try:
-            results = evaluator.run(state.params, stop=stop_evaluation)
+            with compilation.quiet_cache_loads():  # its steps may load from the cache (at its first run)
+              results = evaluator.run(state.params, stop=stop_evaluation)
           except guards.StopRequested:
             logging.warning("Step %d: abandoned evaluator %s to stop", step, name)
             break
+          utilization.restart(step)  # an evaluation's time is not the train steps'
           scalars = evaluator.scalars(results)
           writer.write_scalars(step, {f"{name}/{k}": v for k, v in scalars.items()})
           logging.info("Step %d: %s %s", step, name, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))

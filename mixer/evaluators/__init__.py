@@ -24,7 +24,8 @@ from mixer.evaluators import classification, fewshot
 
 TYPES = {"classification": classification, "fewshot": fewshot}
 # Taken by the training metrics (train/...), the training history and evaluate.py's JSON.
-RESERVED_NAMES = ("train", "step", "dataset", "start_step", "final_step", "headline", "preempted_at", "signal")
+RESERVED_NAMES = ("train", "step", "dataset", "start_step", "final_step", "headline", "preempted_at", "signal",
+                  "startup")
 # Config keys that config.evals replaced: a config.json from before then fails with this hint.
 _REPLACED = {"eval_split": "config.evals.eval.split", "eval_every_steps": "config.evals.eval.every_steps",
              "fewshot": "config.evals.fewshot"}
