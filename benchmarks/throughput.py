@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from mixer import models, optim, sharding, steps  # noqa: E402
+from mixer import flops, models, optim, sharding, steps  # noqa: E402
 
 
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -66,12 +66,8 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def mixer_flops_per_image(variant: str, resolution: int, num_classes: int) -> float:
   """Forward FLOPs (2 per multiply-add) of the matrix products, from the architecture (Table 1)."""
-  k = models.variant_kwargs(variant)
-  p, c, ds, dc, n = k["patch_size"], k["hidden_dim"], k["tokens_mlp_dim"], k["channels_mlp_dim"], k["num_blocks"]
-  s = (resolution // p) ** 2
-  stem = 2 * s * p * p * 3 * c
-  block = 2 * (2 * c * s * ds) + 2 * (2 * s * c * dc)
-  return float(stem + n * block + 2 * c * num_classes)
+  model = models.MlpMixer(num_classes=num_classes, **models.variant_kwargs(variant))
+  return flops.forward_flops_per_image(model, (resolution, resolution, 3))
 
 
 def _summary(times: list[float], batch: int) -> dict:

@@ -23,11 +23,11 @@ CACHE_FOLDER = "jax_compilation_cache"
 _HIT, _REQUEST = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/compile_requests_use_cache"
 
 
-def cache_dir(setting: str, workdir: str, num_processes: int) -> str | None:
+def cache_dir(setting: str, workdir: str, num_processes: int, given: str | None = None) -> str | None:
   """Where the run's compilation cache is (None: no cache), for config.compile_cache_dir = `setting`:
 
     "none"  no persistent cache.
-    "auto"  a cache JAX was already given (JAX_COMPILATION_CACHE_DIR, jax.config), as the user asked for it; else
+    "auto"  `given`, the cache JAX already has (JAX_COMPILATION_CACHE_DIR, jax.config), as someone chose it; else
             beside a gs:// workdir (gs://BUCKET/runs/jax_compilation_cache for gs://BUCKET/runs/NAME): every host
             of a pod reads it, and the bucket outlives the VMs that a preemption takes away; else, for a local
             workdir and one process, $XDG_CACHE_HOME/mixer/jax_compilation_cache (~/.cache/...), the machine's
@@ -40,8 +40,8 @@ def cache_dir(setting: str, workdir: str, num_processes: int) -> str | None:
     return None
   if setting != AUTO:
     return setting
-  if jax.config.jax_compilation_cache_dir:
-    return jax.config.jax_compilation_cache_dir
+  if given:
+    return given
   if "://" in workdir:
     return str(epath.Path(workdir.rstrip("/")).parent / CACHE_FOLDER)
   if num_processes > 1:
@@ -69,15 +69,20 @@ def _use(path: str | None) -> None:
 @contextlib.contextmanager
 def persistent_cache(setting: str, workdir: str) -> Iterator[str | None]:
   """Uses the cache of config.compile_cache_dir (cache_dir above) meanwhile; yields its path (None: none). The
-  process's previous setting is restored after, for callers that train in process (notebooks, tests)."""
-  path = cache_dir(setting, workdir, jax.process_count())
+  process's previous setting is restored after, for callers that train in process (notebooks, tests). A directory
+  that cannot be created fails the run when the config names it, and is done without (a warning) when chosen."""
+  previous = jax.config.jax_compilation_cache_dir
+  path = cache_dir(setting, workdir, jax.process_count(), previous)
   if path is not None:
     try:
       epath.Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-      raise ValueError(f"config.compile_cache_dir={setting} ({path}) cannot be created: {e}; pass another "
-                       f"directory, or {OFF!r}") from None
-  previous = jax.config.jax_compilation_cache_dir
+      if setting != AUTO:
+        raise ValueError(f"config.compile_cache_dir={setting} cannot be created: {e}; pass another directory, or "
+                         f"{OFF!r}") from None
+      logging.warning("No compilation cache: %s cannot be created (%s); config.compile_cache_dir names another",
+                      path, e)
+      path = None
   _use(path)
   try:
     yield path
@@ -128,7 +133,8 @@ def compile_ahead(jitted, *args) -> Compiled:
   seconds = time.monotonic() - start
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
-  from_cache = (_HIT in events) if _REQUEST in events else None
+  # JAX asks its cache also when no directory is set (and finds nothing there): no directory, no answer.
+  from_cache = (_HIT in events) if _REQUEST in events and jax.config.jax_compilation_cache_dir else None
   logging.debug("Compiled in %.1f s (from the persistent cache: %s); XLA's cost analysis: %.4g FLOPs per device",
                 seconds, from_cache, cost.get("flops", float("nan")))
   return Compiled(compiled, seconds, from_cache, dict(cost))
@@ -140,7 +146,9 @@ def first_step_line(seconds: float, compiled: Compiled, cache: str | None) -> st
   if compiled.from_cache:
     how = "from the cache"
   elif cache is None:
-    how = "no compilation cache (config.compile_cache_dir=none)"
-  else:
-    how = f"cached in {cache} for a restart" if jax.process_index() == 0 else f"cache {cache}"
+    how = "no compilation cache"
+  elif compiled.from_cache is None:
+    how = f"not cacheable in {cache}"
+  else:  # JAX writes from process 0 only.
+    how = f"cached in {cache} for a restart" if jax.process_index() == 0 else f"not in the cache {cache}"
   return f"First step after {seconds:.1f} s (compile {compiled.seconds:.1f} s, {how})"

@@ -17,6 +17,18 @@ def test_progress_reports_every_few_seconds_with_speed_and_eta():
   assert progress.due(100)  # the last step always
 
 
+def test_progress_shows_tflops_per_device_and_mfu_where_the_peak_is_known():
+  now = [0.0]
+  progress = console.Progress(100, 32, every_s=5.0, clock=lambda: now[0], flops_per_image=1e12, peak=128e12)
+  progress.line(10, {"loss": 2.0})
+  now[0] += 5.0
+  line = progress.line(20, {"loss": 1.5})
+  assert line == "step 20/100  loss 1.5000  64 img/s  64 TFLOP/s per device (50% MFU)  ETA 40s"
+  progress.peak = None  # a device kind that mixer/flops.py does not know: no MFU
+  now[0] += 5.0
+  assert progress.line(30, {"loss": 1.5}).endswith("64 img/s  64 TFLOP/s per device  ETA 35s")
+
+
 def test_header_names_model_mesh_data_and_length():
   text = console.header("Ti/4", 540_000, {"data": 8, "model": 1}, "digits", 1438, 359, 10, (16, 16, 1), 449, 128, 0)
   assert text.splitlines() == ["Model Ti/4: 0.54M parameters on a 8 data x 1 model mesh",

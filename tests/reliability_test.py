@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,16 +48,21 @@ def _params(workdir):
 def test_sigterm_during_an_evaluation_checkpoints_in_seconds_and_the_resumed_run_is_bit_identical(data_dir, tmp_path):
   # Evaluations at steps 50 and 60; the first one compiles its step, then runs 6 batches.
   total = ["--config.total_steps=60", "--config.checkpoint_every_steps=1000", "--config.evals.eval.every_steps=50"]
-  code, log = _finish(_train(tmp_path / "straight", data_dir, *total))
+  code, log = _finish(_train(tmp_path / "straight", data_dir, *total, "--config.compile_cache_dir=none"))
   assert code == 0, log[-3000:]
+  assert re.search(r"First step after [0-9.]+ s \(compile [0-9.]+ s, no compilation cache\)", log), log[-3000:]
 
-  interrupted = _train(tmp_path / "stopped", data_dir, *total, "--verbosity=1")  # its debug lines
+  cache = f"--config.compile_cache_dir={tmp_path / 'cache'}"  # empty: the first start compiles
+  interrupted = _train(tmp_path / "stopped", data_dir, *total, cache, "--verbosity=1")  # its debug lines
+  seen = []
   for line in interrupted.stderr:  # wait until the first evaluation is under way, then preempt it.
+    seen.append(line)
     if "Step 50: evaluating eval" in line:
       interrupted.send_signal(signal.SIGTERM)
       sent = time.time()
       break
   code, log = _finish(interrupted)
+  first_start = "".join(seen) + log
   elapsed = time.time() - sent
   assert code == 143, log[-3000:]
   assert "Preempted at step 50:" in log and "rerun the same command to resume" in log
@@ -66,8 +72,15 @@ def test_sigterm_during_an_evaluation_checkpoints_in_seconds_and_the_resumed_run
   assert elapsed < 30, f"exited {elapsed:.1f}s after SIGTERM"  # the bound that preemption notices give
   print(f"exited {elapsed:.1f}s after SIGTERM during an evaluation")
 
-  code, log = _finish(_train(tmp_path / "stopped", data_dir, *total))  # the same command resumes.
+  code, log = _finish(_train(tmp_path / "stopped", data_dir, *total, cache))  # the same command resumes.
   assert code == 0 and "Restored checkpoint from step 50" in log, log[-3000:]
+  # The restart loads the train step that the first start compiled into the cache, in at most 30% of the time.
+  first = re.search(r"First step after [0-9.]+ s \(compile ([0-9.]+) s, cached in \S+ for a restart\)", first_start)
+  again = re.search(r"First step after [0-9.]+ s \(compile ([0-9.]+) s, from the cache\)", log)
+  assert first and again, (first_start[-3000:], log[-3000:])
+  assert float(again.group(1)) <= 0.3 * float(first.group(1)), (first.group(0), again.group(0))
+  assert "cpu_aot_loader" not in log  # XLA:CPU's lines on loading a cached executable: not on the quiet console
+  print(f"{first.group(0)}; resumed: {again.group(0)}")
   (step_a, straight), (step_b, resumed) = _params(tmp_path / "straight"), _params(tmp_path / "stopped")
   assert step_a == step_b == 60
   for a, b in zip(straight, resumed, strict=True):
@@ -281,7 +294,7 @@ def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_line(data_dir, tm
   # The whole of stderr: what train.py says at start, progress lines, and that one error: no orbax errors, no
   # "Event loop is closed" tracebacks (588 of them on a full disk before).
   assert [line for line in lines if "rror" in line or "Traceback" in line] == [lines[-1]], result.stderr[-5000:]
-  assert all(line.startswith(("Model ", "Data ", "Training ", "step ")) for line in lines[:-1]), lines
+  assert all(line.startswith(("Model ", "Data ", "Training ", "First step ", "step ")) for line in lines[:-1]), lines
   # Stopped at the first step after orbax reported the failure: only steps dispatched while its threads were
   # starting to write (tens of milliseconds each) follow the save of step 2.
   logged = [e.step for f in tmp_path.glob("events.*") for e in tf.compat.v1.train.summary_iterator(str(f))
