@@ -204,8 +204,10 @@ def test_first_run_then_evaluate_visualize_and_predict(root, first_run):
   assert len(final) == 1, stdout + stderr  # the result once
   lines = stderr.splitlines()
   progress = [i for i, line in enumerate(lines) if re.fullmatch(
-      r"step \d+/6  loss [0-9.]+  train acc [0-9.]+(  [0-9,]+ img/s  ETA \S+)?", line)]
+      r"step \d+/6  loss [0-9.]+  train acc [0-9.]+(  [0-9,]+ img/s  [0-9.e+-]+ TFLOP/s per device( \(\d+% MFU\))?"
+      r"  ETA \S+)?", line)]
   assert progress and progress[0] <= 10, stderr  # a short header, then training (a quiet console)
+  assert re.search(r"\nFirst step after [0-9.]+ s \(compile [0-9.]+ s, [^)]+\)\nstep \d+/6", stderr), stderr
   assert len(lines) <= 15 and len(stderr) < 2000, stderr
   assert re.search(r"Model Ti/4: 0.54M parameters on a 1 data x 1 model mesh\nData digits: 1438 train / 359 eval "
                    r"images, 10 classes, 16x16x1 input\nTraining 6 steps of batch 32", stderr), stderr

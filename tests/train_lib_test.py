@@ -138,6 +138,12 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   assert history["eval"][-1]["num_examples"] == 359
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30"]
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  # The speed from the second fetch of metrics on (the first starts the clock); no MFU: a CPU's peak is unknown.
+  assert "tflops_per_device" not in history["train"][0] and "mfu" not in history["train"][-1]
+  assert all(t["tflops_per_device"] > 0 for t in history["train"][1:])
+  startup = history["startup"]  # in process, "auto" keeps the session's cache (tests/conftest.py)
+  assert startup["cache_dir"] == os.environ["MIXER_TESTS_JAX_CACHE"] and startup["from_cache"] in (True, False)
+  assert 0 < startup["compile_seconds"] < startup["first_step_seconds"]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["total_steps"] == 30
 
