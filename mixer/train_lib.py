@@ -107,7 +107,8 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
   headline = evaluators.headline(evals)
   batches = input_pipeline.train_iterator(config, builder, info, mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
-  rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))  # where the step wants it
+  # Made where the compiled step takes it (replicated over the mesh), also across processes: no transfer in the loop.
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
 
   history = {"train": [], **{name: [] for name in evals}, "start_step": start_step, "headline": headline}
   sync_every = steps.sync_every()
