@@ -48,6 +48,7 @@ class StepTrace:
     self.path: epath.Path | None = None  # the trace written, once it is.
     self._running_since = None  # the first traced step while a trace runs.
     self._last_begun = None
+    self._before: set[epath.Path] = set()  # the runs under plugins/profile before this trace.
     if self.steps and self.writes:
       logging.info("Profiling steps %d..%d into %s", self.steps[0], self.steps[-1], self.workdir.joinpath(*PROFILE_DIR))
 
@@ -83,8 +84,9 @@ class StepTrace:
     new = [run for run in self._runs() if run not in self._before] or self._runs()
     files = sorted(f for run in new for f in run.glob("*.xplane.pb"))
     self.path = files[-1] if files else self.workdir.joinpath(*PROFILE_DIR)
-    cut = f" (the run stopped at step {step}; asked for {self.steps[0]}..{self.steps[-1]})" \
-        if step != self.steps[-1] else ""
+    cut = ""
+    if step != self.steps[-1]:
+      cut = f" (the run stopped at step {step}; asked for {self.steps[0]}..{self.steps[-1]})"
     logging.info("Profiled steps %d..%d%s: %s. View it with `tensorboard --logdir %s` (Profile tab; needs `pip "
                  "install tensorboard-plugin-profile`), or open the .trace.json.gz beside it in "
                  "https://ui.perfetto.dev", first, step, cut, self.path, self.workdir)
