@@ -107,4 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compile_cache_dir = "auto"
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 3
+  # A jax.profiler trace of steps profile_start_step..+profile_num_steps-1 (steps count from 1; 0: no trace) into
+  # WORKDIR/plugins/profile, for TensorBoard's profile tab (docs/launching.md, "Profiling a run").
+  config.profile_start_step = 0
+  config.profile_num_steps = 5
   return config

@@ -24,9 +24,10 @@ CHANGES_FILE = "config_changes.json"
 
 # Keys that cannot change what the run computes: how often it logs, syncs, checkpoints or evaluates, how many
 # checkpoints it keeps, eval batch sizes, where the data lives (its content is checked by the fingerprint), where
-# compiled steps are cached.
+# compiled steps are cached, which steps it profiles.
 FREE_KEYS = ("log_every_steps", "sync_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-             "eval_batch_size", "prefetch_to_device", "data_dir", "allow_changes", "compile_cache_dir")
+             "eval_batch_size", "prefetch_to_device", "data_dir", "allow_changes", "compile_cache_dir",
+             "profile_start_step", "profile_num_steps")
 FREE_SUFFIXES = (".every_steps", ".batch_size")  # of config.evals.NAME
 DATASET_KEY = "dataset"  # config.allow_changes=dataset also allows a changed fingerprint of the same name.
 

@@ -64,6 +64,11 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
+  if config.profile_start_step < 0:
+    raise ValueError(f"config.profile_start_step={config.profile_start_step} must be a step (the first is 1) or 0 "
+                     f"(no trace)")
+  if config.profile_num_steps < 1:
+    raise ValueError(f"config.profile_num_steps={config.profile_num_steps} must be 1 or more")
   for key in ("max_nonfinite_steps", "max_nonfinite_total"):
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be 0 or more")

@@ -21,6 +21,7 @@ from mixer import (
   input_pipeline,
   models,
   optim,
+  profiling,
   run_record,
   setup,
   sharding,
@@ -140,7 +141,8 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
 
   # No implicit host-device transfer in the loop (as big_vision): one would slow every step unseen. Batches and
   # metrics cross explicitly (jax.make_array_from_process_local_data, jax.device_get).
-  with guards.Preemption() as preemption, jax.transfer_guard("disallow"):
+  profile = profiling.StepTrace(config, workdir, start_step, num_steps)  # config.profile_start_step: 0 is off.
+  with guards.Preemption() as preemption, jax.transfer_guard("disallow"), profile:
     # An evaluation asks before each batch whether to stop; several processes agree every sync_every batches.
     stop_evaluation = lambda batch: preemption.requested(batch, batch % sync_every == 0)
     # The train step compiles before the first step (or loads from the cache), with the first batch's shapes; the
@@ -149,6 +151,7 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
     compiled = compilation.compile_ahead(train_step, state, first, rng)
     batches = itertools.chain([first], batches)
     for step in range(start_step + 1, num_steps + 1):
+      profile.begin(step, state)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = compiled.step(state, next(batches), rng)
       if step == start_step + 1:
@@ -192,6 +195,7 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
         history["preempted_at"] = step
         history["signal"] = preemption.signal
         break
+      profile.end(step, state)
 
   checkpoints.wait_until_saved(manager)
   manager.close()

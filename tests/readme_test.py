@@ -79,6 +79,8 @@ NOT_RUN = {
         "needs a GPU; tests/benchmarks_test.py runs throughput.py small on the CPU",
     "python benchmarks/throughput.py --variant S/16 --batch 8 --device cpu":
         "about a minute; tests/benchmarks_test.py runs throughput.py small",
+    "python train.py --config configs/mixer_b16_imagenet2012.py --config.profile_start_step=100 --workdir W":
+        OFFLINE + "; tests/train_lib_test.py traces steps 6..7 of a run on the digits and reads the trace",
     "python tools/step_profile.py --variant B/16 --device gpu --batch 256":
         "needs a GPU; tests/tools_test.py runs step_profile.py small on the CPU",
     "python tools/compiled_cost.py --variant B/16 --batch 256 --target h200 --json cost.json":

@@ -34,6 +34,8 @@ from tests.conftest import small_config
     ("shuffle_buffer", 0, r"config.shuffle_buffer=0 must be positive"),
     ("max_labels", 0, r"config.max_labels=0 must be positive"),
     ("prefetch_to_device", -1, r"config.prefetch_to_device=-1 must be 0 or more"),
+    ("profile_start_step", -1, r"config.profile_start_step=-1 must be a step \(the first is 1\) or 0 \(no trace\)"),
+    ("profile_num_steps", 0, r"config.profile_num_steps=0 must be 1 or more"),
 ])
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})

@@ -27,6 +27,7 @@ from mixer import (
   train_lib,
   trees,
 )
+from tests import profiling_test
 from tests.conftest import REPO, restore_params, run_python, small_config
 
 
@@ -128,11 +129,13 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.trains
-def test_train_and_evaluate_then_resume(data_dir, tmp_path):
+def test_train_and_evaluate_then_resume(data_dir, tmp_path, caplog):
   workdir = str(tmp_path)
   config = small_config(data_dir, total_steps=30, checkpoint_every_steps=10, log_every_steps=5,
-                        **{"evals.eval.every_steps": 15})
+                        profile_start_step=6, profile_num_steps=2, **{"evals.eval.every_steps": 15})
   history = train_lib.train_and_evaluate(config, workdir)
+  [trace] = profiling_test.traces(workdir)  # WORKDIR/plugins/profile/RUN/HOST.xplane.pb, as TensorBoard reads it
+  assert profiling_test.traced_train_steps(trace) == [6, 7]
   assert [e["step"] for e in history["eval"]] == [15, 30]
   assert history["eval"][-1]["top1"] > 0.5  # chance is 0.1
   assert history["eval"][-1]["num_examples"] == 359
@@ -151,8 +154,11 @@ def test_train_and_evaluate_then_resume(data_dir, tmp_path):
   with pytest.raises(run_record.RunChangedError, match=r"(?s)at step 30 .*total_steps: 30 -> 40"):
     train_lib.train_and_evaluate(config, workdir)
   config.allow_changes = "total_steps"
-  resumed = train_lib.train_and_evaluate(config, workdir)
+  with caplog.at_level("WARNING"):
+    resumed = train_lib.train_and_evaluate(config, workdir)
   assert [t["step"] for t in resumed["train"]] == [35, 40]
+  assert "not profiling, this run resumes after step 30" in caplog.text
+  assert profiling_test.traces(workdir) == [trace]  # past the profiled steps: no second trace.
   assert run_record.changes(workdir) == [{"step": 30, "key": "total_steps", "old": 30, "new": 40}]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["total_steps"] == 30  # the record of steps 1..30 is not rewritten.
@@ -227,6 +233,7 @@ def test_a_folder_run_records_its_classes_and_refuses_a_changed_folder(data_dir,
                         eval_batch_size=4, **{"evals.eval.every_steps": 0})
   history = train_lib.train_and_evaluate(config, workdir)
   assert history["headline"] == ("eval", "top1")  # declared by the classification evaluator
+  assert not os.path.exists(os.path.join(workdir, "plugins"))  # no profile unless asked for.
   assert console.final_message(history, config.dataset, workdir).startswith(
       f"Trained steps 1..2; no evaluator with a headline result ran at the end (config.evals). Evaluate the "
       f"checkpoint in {workdir} with `python evaluate.py --workdir {workdir}`")
