@@ -110,6 +110,24 @@ def test_stochastic_depth_and_dropout_act_only_in_training():
   np.testing.assert_array_equal(train[0], same)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stochastic_depth_drops_whole_examples_and_rescales_the_kept(dtype):
+  """Each example's branch is zeroed with probability `rate`, else divided by 1 - rate (computed in float32, so
+  that bfloat16 branches are rounded once, as x / keep would be)."""
+
+  class Branch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return models.drop_path(self, x, 0.25, train=True)
+
+  x = jax.random.normal(jax.random.key(0), (4000, 3, 2)).astype(dtype)
+  y = np.asarray(Branch().apply({}, x, rngs={"dropout": jax.random.key(1)}), np.float32)
+  dropped = np.all(y == 0, axis=(1, 2))
+  expected = np.asarray((x.astype(jnp.float32) / 0.75).astype(dtype), np.float32)
+  np.testing.assert_array_equal(y[~dropped], expected[~dropped])
+  assert abs(dropped.mean() - 0.25) < 0.03  # 4000 draws: 4 standard deviations
+
+
 def test_stochastic_depth_rises_linearly_from_zero():
   model = _tiny(stoch_depth=0.3)
   rates = []
