@@ -12,13 +12,16 @@ one feature changed, to see where compile time goes. Needs `pip install "jax[tpu
   python benchmarks/compile_time.py --topology v3:2x2 --per_device_batch 32 --repeats 2 --ablations \
       --json benchmarks/results/tpu_v3_compile_time.json
 
-Compile seconds are wall time (and the process's CPU seconds, which a busy host inflates less); step times and
-peak memory are the compiler's estimates, not measurements.
+Compile seconds are lowering and compiling, in wall time and in the process's CPU seconds (which a busy host
+inflates less), with libtpu's own split into HLO passes and backend passes (from its log); step times and peak
+memory are the compiler's estimates, not measurements.
 """
 
 import argparse
+import glob
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -28,6 +31,34 @@ sys.path.insert(0, REPO)  # this checkout's mixer and configs/, as benchmarks/me
 from mixer import tpu  # noqa: E402
 
 GIB = 2**30
+
+
+# libtpu's INFO log (in /tmp/tpu_logs, one file per process) times its compile stages, e.g.
+# "BACKEND_PASSES stage duration: 2m40.58s", and counts the program's instruction bundles.
+TPU_LOGS = "/tmp/tpu_logs"
+STAGE = re.compile(r"\] (HLO_PASSES|BACKEND_PASSES|CODE_GENERATION) stage duration: (?:(\d+)m)?([\d.]+)(m?s)")
+BUNDLES = re.compile(r"final program bundle count: ([\d,]+)")
+
+
+class LibtpuLog:
+  """The compile stages that libtpu logged for this process since the previous read."""
+
+  def __init__(self):
+    names = glob.glob(os.path.join(TPU_LOGS, f"*.log.INFO.*.{os.getpid()}"))
+    self.path, self.offset = (names[0] if names else None), 0
+
+  def read(self) -> dict:
+    if self.path is None:
+      return {}
+    with open(self.path) as f:
+      f.seek(self.offset)
+      text = f.read()
+      self.offset = f.tell()
+    stages = {}
+    for name, minutes, value, unit in STAGE.findall(text):
+      stages[f"{name.lower()}_s"] = round(int(minutes or 0) * 60 + float(value) / (1000 if unit == "ms" else 1), 1)
+    bundles = [int(b.replace(",", "")) for b in BUNDLES.findall(text)]
+    return {**stages, **({"bundles": max(bundles)} if bundles else {})}
 
 
 def parse_args(argv=None):
@@ -66,9 +97,8 @@ def main(argv=None) -> list[dict]:
     return c
 
   def ours(c) -> dict:
-    report = tpu.compile_for(c, args.topology, eval_step=False)
-    return {"compiled": report["train"]["compiled"], "estimated_s": report["train"]["estimated_s"],
-            "peak_bytes": report["train"]["peak_bytes"]}
+    train = tpu.compile_for(c, args.topology, eval_step=False)["train"]
+    return {key: train[key] for key in ("compiled", "compile_s", "compile_cpu_s", "estimated_s", "peak_bytes")}
 
   class BigVisionMlp(nn.Module):
     mlp_dim: int
@@ -162,10 +192,13 @@ def main(argv=None) -> list[dict]:
                    out_shardings=(state_sharding, replicated))
     batch_shapes = {"image": jax.ShapeDtypeStruct((batch,) + info.image_shape, jnp.float32, sharding=data),
                     "labels": jax.ShapeDtypeStruct((batch, info.num_classes), jnp.float32, sharding=data)}
+    start, cpu = time.perf_counter(), time.process_time()  # as tpu.compile_for times ours: lowering and compiling
     compiled = step.lower(state, jax.random.key(0), batch_shapes).compile()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     seconds = compiled.cost_analysis()
     seconds = (seconds[0] if isinstance(seconds, list) else seconds).get("optimal_seconds")
-    return {"compiled": compiled, "estimated_s": seconds, "peak_bytes": tpu._peak_bytes(compiled.memory_analysis())}
+    return {"compiled": compiled, "compile_s": wall, "compile_cpu_s": cpu, "estimated_s": seconds,
+            "peak_bytes": tpu._peak_bytes(compiled.memory_analysis())}
 
   def select_drop_path(module, x, rate, train):
     """Stochastic depth as models.drop_path computed it before: a select between x / keep and zeros."""
@@ -207,24 +240,31 @@ def main(argv=None) -> list[dict]:
   rows = {name: {"step": name, "compile_s": [], "compile_cpu_s": []} for name, _ in contenders}
   print(f"{args.variant} train step at {args.per_device_batch} images per device, compiled for {args.topology} "
         f"({len(devices)} {devices[0].device_kind} devices), {args.repeats} times each, alternating", flush=True)
+  log = LibtpuLog()
   for _ in range(args.repeats):
     for name, build in contenders:
-      wall, cpu = time.perf_counter(), time.process_time()
       result = build()
-      wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+      wall, cpu = result["compile_s"], result["compile_cpu_s"]
       row = rows[name]
+      for key, value in log.read().items():
+        row.setdefault(key, []).append(value)
       row["compile_s"].append(round(wall, 1))
       row["compile_cpu_s"].append(round(cpu, 1))
       seconds = result["estimated_s"]
       row.update(estimated_ms=seconds * 1e3, estimated_img_s_per_device=args.per_device_batch / seconds,
                  peak_gib=result["peak_bytes"] / GIB,
                  optimized_hlo_lines=result["compiled"].as_text().count("\n"))
-      print(f"  {name:48s} compile {wall:6.1f} s ({cpu:6.1f} s CPU)  est. {seconds * 1e3:5.1f} ms/step "
+      stages = (f" (HLO passes {row['hlo_passes_s'][-1]} s, backend {row['backend_passes_s'][-1]} s)"
+                if row.get("backend_passes_s") else "")
+      print(f"  {name:48s} compile {wall:6.1f} s ({cpu:6.1f} s CPU){stages}  est. {seconds * 1e3:5.1f} ms/step "
             f"{row['estimated_img_s_per_device']:5.0f} img/s/device  peak {row['peak_gib']:.2f} GiB", flush=True)
   out = []
   for row in rows.values():
     row["median_compile_s"] = statistics.median(row["compile_s"])
     row["median_compile_cpu_s"] = statistics.median(row["compile_cpu_s"])
+    for key in ("hlo_passes_s", "backend_passes_s", "code_generation_s"):
+      if row.get(key):
+        row[f"median_{key}"] = statistics.median(row[key])
     out.append({"variant": args.variant, "topology": args.topology, "per_device_batch": args.per_device_batch,
                 **row})
   ours_row, peer = out[0], out[1]
