@@ -62,3 +62,20 @@ def test_input_pipeline_benchmark_reports_cores_to_feed(tmp_path):
   assert [r["pipeline"] for r in rows] == ["inception_crop+flip", "inception_crop+flip+randaugment"]
   for r in rows:
     assert r["cores_to_feed"] == pytest.approx(1000 / r["images_per_s_1_core"])
+
+
+@pytest.mark.tpu_compile
+def test_compile_time_benchmark_compiles_ours_and_big_vision_alternately(tmp_path):
+  pytest.importorskip("libtpu", reason="compiling for TPU slices needs libtpu (requirements-test.txt)")
+  out = subprocess.run([sys.executable, "benchmarks/compile_time.py", "--variant", "Ti/16", "--topology", "v3:2x2",
+                        "--per_device_batch", "1", "--repeats", "1", "--json", str(tmp_path / "c.json")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ours, peer = json.loads((tmp_path / "c.json").read_text())["rows"]
+  assert (ours["step"], peer["step"]) == ("ours", "big_vision")
+  for row in (ours, peer):
+    assert len(row["compile_s"]) == len(row["compile_cpu_s"]) == 1 and row["compile_s"][0] > 0
+    assert row["median_compile_s"] == row["compile_s"][0]
+    assert row["estimated_img_s_per_device"] == pytest.approx(1 / (row["estimated_ms"] / 1e3))
+  ratio = ours["median_compile_s"] / peer["median_compile_s"]
+  assert f"compile {ratio:.2f}x" in out.stdout

@@ -134,15 +134,22 @@ def test_randaugment_ops_do_what_they_say():
 
 def test_mixup_mixes_images_and_targets_with_one_weight():
   images = jax.random.normal(jax.random.key(0), (6, 4, 4, 3))
-  targets = jax.nn.one_hot(jnp.arange(6) % 3, 3)
-  mixed, mixed_targets = steps.mixup(jax.random.key(1), images, targets, 0.5)
+  labels = jnp.arange(6) % 3
+  targets = jax.nn.one_hot(labels, 3)
+  mixed, mixed_targets = steps.mixup(jax.random.key(1), images, labels, 3, 0.5)
   np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)  # label sums stay 1.
   a = float(mixed_targets[1, 1])  # example 1 (class 1) mixed with example 0 (class 0).
   assert 0.5 <= a <= 1.0
   np.testing.assert_allclose(mixed, a * images + (1 - a) * jnp.roll(images, 1, axis=0), rtol=1e-5, atol=1e-6)
-  again, _ = steps.mixup(jax.random.key(1), images, targets, 0.5)
+  # The neighbour's targets come from its rolled labels: equal to rolling the targets.
+  np.testing.assert_array_equal(mixed_targets, a * targets + (1 - a) * jnp.roll(targets, 1, axis=0))
+  multi = jnp.array([[0, 2], [1, -1], [2, -1], [0, 1], [1, 2], [2, 0]])  # multi-label, -1 = none
+  _, mixed_multi = steps.mixup(jax.random.key(1), images, multi, 3, 0.5)
+  multi_hot = steps.to_targets(multi, 3)
+  np.testing.assert_array_equal(mixed_multi, a * multi_hot + (1 - a) * jnp.roll(multi_hot, 1, axis=0))
+  again, _ = steps.mixup(jax.random.key(1), images, labels, 3, 0.5)
   np.testing.assert_array_equal(again, mixed)
-  other, _ = steps.mixup(jax.random.key(2), images, targets, 0.5)
+  other, _ = steps.mixup(jax.random.key(2), images, labels, 3, 0.5)
   assert not np.allclose(other, mixed)
 
 

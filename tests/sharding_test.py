@@ -82,7 +82,8 @@ def layout_results(data_dir: str, workdir: str, layouts) -> dict:
   splits a channel-mixing kernel and its Adam moment (from the shardings the loop initialises the state with)."""
   out = {}
   for name, mesh, rules in layouts:
-    config = small_config(data_dir, total_steps=8, param_sharding=rules, mesh=mesh)
+    # With mixup: each example's neighbour, rolled across devices (sharding.roll_batch), is the one-device one.
+    config = small_config(data_dir, total_steps=8, param_sharding=rules, mesh=mesh, mixup=0.5)
     history = train_lib.train_and_evaluate(config, os.path.join(workdir, name))
     mesh, _, info = setup.setup(config)
     tx = optim.create_optimizer(config, optim.create_schedule(config, 8))

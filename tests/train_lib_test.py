@@ -101,10 +101,14 @@ def test_multilabel_targets_and_precision_at_1():
   logits = jnp.array([[0.0, 5.0, 1.0, 0.0], [0.0, 5.0, 0.0, 0.0]])
   np.testing.assert_array_equal(steps.correct_at_1(logits, targets), [False, True])
   np.testing.assert_array_equal(steps.to_targets(jnp.array([2, 0]), 3), [[0, 0, 1], [1, 0, 0]])
-  # Training accuracy: a mixup-mixed example counts only its dominant label; multi-label ones every label.
-  mixed = jnp.array([[0.0, 0.7, 0.3, 0.0], [0.0, 0.7, 0.3, 0.0], [1.0, 0.0, 1.0, 0.0]])
+  # Training accuracy counts the example's own labels (a mixup-mixed example's dominant ones, weight >= 1/2, not
+  # its neighbour's); a multi-label example's every label.
   logits = jnp.array([[0.0, 0.0, 5.0, 0.0], [0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
-  np.testing.assert_array_equal(steps.train_correct(logits, mixed), [False, True, True])
+  np.testing.assert_array_equal(steps.train_correct(logits, jnp.array([1, 1, 0])), [False, True, False])
+  multi = jnp.array([[1, -1], [1, 3], [0, 2]])
+  np.testing.assert_array_equal(steps.train_correct(logits, multi), [False, True, True])
+  # -1 pads a list; it is never a prediction.
+  np.testing.assert_array_equal(steps.train_correct(jnp.zeros((1, 4)), jnp.array([[-1, -1]])), [False])
 
 
 def test_losses_match_their_definitions():
