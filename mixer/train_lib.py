@@ -95,7 +95,8 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
   headline = evaluators.headline(evals)
   batches = input_pipeline.train_iterator(config, builder, info, mesh, start_step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
-  rng = jax.random.key(config.seed + 1)
+  # Made on the mesh, replicated: the loop's transfer guard refuses to copy a key from one device to all of them.
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=jax.NamedSharding(mesh, jax.P()))()
 
   history = {"train": [], **{name: [] for name in evals}, "start_step": start_step, "headline": headline}
   sync_every = steps.sync_every()
