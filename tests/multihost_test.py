@@ -1,8 +1,9 @@
-"""Two processes on this machine (CPU devices, collectives over loopback) train, save and resume, and
-match one process on the same global batches."""
+"""Two processes on this machine (CPU devices, collectives over loopback) train, save and resume; one process
+resumes their run with the same global batches and bit-identical results."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,26 +11,45 @@ import sys
 import numpy as np
 import pytest
 
+from mixer import checkpoints, trees
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.trains, pytest.mark.multidevice, pytest.mark.subprocess]
 
+# Each run's training rows as they left its input pipeline, per process: (label, digest of the image) for each
+# row of each local batch, in the order the batches were made (prefetching makes a few more than are trained).
 _PHASES = """
-import json, sys
+import hashlib, json, sys
 import jax
 if {num_processes} > 1:
   jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes={num_processes},
                              process_id={process_id})
 from tests.conftest import small_config
-from mixer import train_lib
+from mixer import sharding, train_lib
+
+rows = []
+make_global = sharding.global_batches
+def recording(local_batches, mesh, depth):
+  def tap():
+    for local in local_batches:
+      if "mask" not in local:  # a training batch (evaluation batches carry a mask)
+        rows.append([[int(label), hashlib.sha1(image.tobytes()).hexdigest()[:12]]
+                     for label, image in zip(local["label"], local["image"])])
+      yield local
+  return make_global(tap(), mesh, depth)
+sharding.global_batches = recording
+
 out = []
-for total in (4, 8):  # train 4 steps and save; then a second run resumes from the checkpoint to 8.
-  # train[:64] with a global batch of 64: every step's global batch is the same 64 examples, however
-  # the processes split them, so 1 and 2 processes see the same global batches.
-  config = small_config({data_dir!r}, train_split="train[:64]", batch_size=64, total_steps=total,
-                        checkpoint_every_steps=4, warmup_steps=1, allow_changes="total_steps",
-                        **{{"evals.eval.every_steps": 4}})
-  out.append(train_lib.train_and_evaluate(config, {workdir!r}))
+for total in {phases}:  # each run resumes from the checkpoint of the one before (allow_changes: its length).
+  # 192 examples in batches of 32: an epoch is 6 steps of 16 examples from each of 2 data shards (one per
+  # process when two processes start the run); the runs end at step 4 (mid-epoch) and 8 (in the second epoch).
+  config = small_config({data_dir!r}, train_split="train[:192]", batch_size=32, total_steps=total,
+                        checkpoint_every_steps=4, warmup_steps=1, allow_changes="total_steps", mixup=0.2,
+                        pp_train="decode(channels=1)|resize(20)|inception_crop(16)|flip_lr|value_range(-1, 1)",
+                        **{{"evals.eval.every_steps": 4, "model.dropout_rate": 0.1}})
+  rows.clear()
+  history = train_lib.train_and_evaluate(config, {workdir!r})
+  out.append({{**history, "rows": rows[:len(history["train"])]}})
 print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "runs": out}}))
 """
 
@@ -40,13 +60,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(num_processes, data_dir, workdir):
+def _launch(num_processes, data_dir, workdir, phases=(4, 8), devices=1):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
   procs = [subprocess.Popen(
       ["timeout", "-s", "KILL", "300", sys.executable, "-c",
-       _PHASES.format(num_processes=num_processes, port=port, process_id=i, data_dir=data_dir, workdir=workdir)],
+       _PHASES.format(num_processes=num_processes, port=port, process_id=i, data_dir=data_dir, workdir=workdir,
+                      phases=tuple(phases))],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(num_processes)]
   results = []
@@ -57,17 +78,40 @@ def _launch(num_processes, data_dir, workdir):
   return results
 
 
-def test_two_processes_train_save_resume_and_match_one(data_dir, tmp_path):
+def _params(workdir):
+  step, params = checkpoints.restore_params(str(workdir))
+  return step, {key: np.asarray(value) for key, value in trees.flatten(params).items()}
+
+
+def test_two_processes_train_save_resume_and_one_process_resumes_their_run_bit_identically(data_dir, tmp_path):
   two = _launch(2, data_dir, str(tmp_path / "two"))
-  one = _launch(1, data_dir, str(tmp_path / "one"))[0]
   assert [r["count"] for r in two] == [2, 2] and sorted(r["process"] for r in two) == [0, 1]
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4", "8"]  # one shared directory.
+  assert json.loads((tmp_path / "two" / "config.json").read_text())["data_shards"] == 2  # one per process.
   for multi in two:
     first, resumed = multi["runs"]
     assert [t["step"] for t in resumed["train"]] == [5, 6, 7, 8]  # the second run resumed at step 4.
-    for phase in (0, 1):
-      np.testing.assert_allclose([t["loss"] for t in multi["runs"][phase]["train"]],
-                                 [t["loss"] for t in one["runs"][phase]["train"]], rtol=1e-5, atol=1e-6)
-      assert multi["runs"][phase]["eval"][-1]["top1"] == pytest.approx(one["runs"][phase]["eval"][-1]["top1"],
-                                                                       abs=1 / 359 + 1e-6)
-      assert multi["runs"][phase]["eval"][-1]["num_examples"] == 359  # both processes' halves, once.
+    assert multi["runs"][1]["eval"][-1]["num_examples"] == 359  # both processes' halves, once.
+  two.sort(key=lambda r: r["process"])
+  assert two[0]["runs"][1]["train"] == two[1]["runs"][1]["train"]  # the global loss, logged by each.
+  # The global batch: process 0's rows, then process 1's (one device each, in process order on the mesh).
+  global_rows = lambda runs, phase: [a + b for a, b in zip(runs[0]["runs"][phase]["rows"],
+                                                           runs[1]["runs"][phase]["rows"], strict=True)]
+  assert len(global_rows(two, 1)) == 4 and len(global_rows(two, 1)[0]) == 32
+
+  # One process with two devices resumes a copy of the run at step 4: it reads both data shards.
+  shutil.copytree(tmp_path / "two", tmp_path / "one")
+  shutil.rmtree(tmp_path / "one" / "checkpoints" / "8")
+  one = _launch(1, data_dir, str(tmp_path / "one"), phases=(8,), devices=2)[0]
+  assert one["count"] == 1 and [t["step"] for t in one["runs"][0]["train"]] == [5, 6, 7, 8]
+  assert one["runs"][0]["rows"] == global_rows(two, 1)  # the same examples, augmented alike, in the same rows.
+  assert one["runs"][0]["train"] == two[0]["runs"][1]["train"]  # losses, accuracy, gradient norms: bit for bit.
+  # Evaluation batches are made per process (two halves of the split, each padded, or the whole): the same
+  # examples, the loss summed in another order.
+  (eval_one,), (eval_two,) = one["runs"][0]["eval"], two[0]["runs"][1]["eval"]
+  assert eval_one["top1"] == eval_two["top1"] and eval_one["num_examples"] == eval_two["num_examples"] == 359
+  assert eval_one["loss"] == pytest.approx(eval_two["loss"], rel=1e-6)
+  (step_two, params_two), (step_one, params_one) = _params(tmp_path / "two"), _params(tmp_path / "one")
+  assert step_two == step_one == 8 and params_two.keys() == params_one.keys()
+  for key, value in params_two.items():
+    np.testing.assert_array_equal(params_one[key], value, err_msg=key)
