@@ -1,6 +1,6 @@
 """tf.data iterators over the config's dataset, yielding global jax.Arrays sharded over the mesh's data axis.
 
-Training batches are a pure function of (config, step): the train split is read in config.data_shards
+Training batches are a pure function of (config, step): the train split is read in config.input_shards
 shards (one per process unless set), each epoch with its own shuffle seed, and every example draws its
 augmentation from a seed made of (seed, epoch, shard, position). Shard i fills the i-th block of rows of
 every global batch, whichever process reads it. A run resumed at step k, on as many processes or on a
@@ -21,15 +21,15 @@ from mixer import dataset, preprocess, sharding
 Batch = dict[str, jax.Array]
 
 
-def data_shards(config) -> int:
-  """How many shards the train split is read in: config.data_shards, or one per process (0)."""
-  return config.get("data_shards", 0) or jax.process_count()
+def input_shards(config) -> int:
+  """How many shards the train split is read in: config.input_shards, or one per process (0)."""
+  return config.get("input_shards", 0) or jax.process_count()
 
 
 def steps_per_epoch(config, info: dataset.DatasetInfo, builder=None) -> int:
   """Full global batches per epoch; every shard gives the same count (the tail is dropped). `builder` counts
   the shards' examples when they are not one per process (info counted those)."""
-  shards = data_shards(config)
+  shards = input_shards(config)
   if shards == jax.process_count():
     fewest = info.min_local_train_examples
   else:
@@ -42,9 +42,9 @@ def local_batch_size(global_batch_size: int) -> int:
 
 
 def shards_of_this_process(config, mesh) -> list[int]:
-  """The data shards this process reads, in row order: those whose block of rows of the global batch its
-  devices hold (shard i holds rows [i b, (i + 1) b) of every batch, b = batch_size / data_shards)."""
-  shards, batch = data_shards(config), config.batch_size
+  """The input shards this process reads, in row order: those whose block of rows of the global batch its
+  devices hold (shard i holds rows [i b, (i + 1) b) of every batch, b = batch_size / input_shards)."""
+  shards, batch = input_shards(config), config.batch_size
   rows_per_shard = batch // shards
   indices = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch,)).values()
   rows = {row for index in indices for row in range(*index[0].indices(batch))}
@@ -53,7 +53,7 @@ def shards_of_this_process(config, mesh) -> list[int]:
     return mine
   if shards == jax.process_count():  # this process's rows interleave with another's: it reads its own shard.
     return [jax.process_index()]
-  raise ValueError(f"config.data_shards={shards}: the mesh gives process {jax.process_index()} rows of the "
+  raise ValueError(f"config.input_shards={shards}: the mesh gives process {jax.process_index()} rows of the "
                    f"global batch that are not whole blocks of {rows_per_shard} (config.batch_size={batch})")
 
 
@@ -99,10 +99,10 @@ def _numpy_batches(name: str, ds: tf.data.Dataset, split: str) -> Iterator[dict]
 
 def _train_epoch(config, builder, info: dataset.DatasetInfo, epoch: int, skip_batches: int,
                  per_epoch: int, shard: int | None = None) -> tf.data.Dataset:
-  """One data shard's batches of one epoch (default: this process's, one shard per process) from batch
+  """One input shard's batches of one epoch (default: this process's, one shard per process) from batch
   `skip_batches` on: `per_epoch` in all, for every shard (shards may hold more examples than the smallest one;
   their extra batches are dropped)."""
-  shards = data_shards(config)
+  shards = input_shards(config)
   shard = jax.process_index() if shard is None else shard
   batch = config.batch_size // shards
   seed = [config.seed, epoch]
@@ -125,15 +125,15 @@ def _train_epoch(config, builder, info: dataset.DatasetInfo, epoch: int, skip_ba
 
 
 def train_iterator(config, builder, info: dataset.DatasetInfo, mesh, start_step: int = 0) -> Iterator[Batch]:
-  """Endless global training batches, from `start_step` on. A process that reads several data shards (a run
+  """Endless global training batches, from `start_step` on. A process that reads several input shards (a run
   resumed on fewer processes than it started with) puts their batches one after another, in shard order."""
   per_epoch = steps_per_epoch(config, info, builder)
   if per_epoch == 0:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
                      f"{info.num_train_examples} examples of {info.name}:{info.train_split}"
-                     + (f" in {data_shards(config)} data shards" if data_shards(config) > 1 else ""))
+                     + (f" in {input_shards(config)} input shards" if input_shards(config) > 1 else ""))
   shards = shards_of_this_process(config, mesh)
-  batch = config.batch_size // data_shards(config)
+  batch = config.batch_size // input_shards(config)
 
   def epoch_batches(epoch: int, skip: int) -> tf.data.Dataset:
     """Each step's batches of this process's shards: image and label concatenated, positions [shard, row]."""

@@ -41,7 +41,7 @@ sharding.global_batches = recording
 
 out = []
 for total in {phases}:  # each run resumes from the checkpoint of the one before (allow_changes: its length).
-  # 192 examples in batches of 32: an epoch is 6 steps of 16 examples from each of 2 data shards (one per
+  # 192 examples in batches of 32: an epoch is 6 steps of 16 examples from each of 2 input shards (one per
   # process when two processes start the run); the runs end at step 4 (mid-epoch) and 8 (in the second epoch).
   config = small_config({data_dir!r}, train_split="train[:192]", batch_size=32, total_steps=total,
                         checkpoint_every_steps=4, warmup_steps=1, allow_changes="total_steps", mixup=0.2,
@@ -87,7 +87,7 @@ def test_two_processes_train_save_resume_and_one_process_resumes_their_run_bit_i
   two = _launch(2, data_dir, str(tmp_path / "two"))
   assert [r["count"] for r in two] == [2, 2] and sorted(r["process"] for r in two) == [0, 1]
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4", "8"]  # one shared directory.
-  assert json.loads((tmp_path / "two" / "config.json").read_text())["data_shards"] == 2  # one per process.
+  assert json.loads((tmp_path / "two" / "config.json").read_text())["input_shards"] == 2  # one per process.
   for multi in two:
     first, resumed = multi["runs"]
     assert [t["step"] for t in resumed["train"]] == [5, 6, 7, 8]  # the second run resumed at step 4.
@@ -99,7 +99,7 @@ def test_two_processes_train_save_resume_and_one_process_resumes_their_run_bit_i
                                                            runs[1]["runs"][phase]["rows"], strict=True)]
   assert len(global_rows(two, 1)) == 4 and len(global_rows(two, 1)[0]) == 32
 
-  # One process with two devices resumes a copy of the run at step 4: it reads both data shards.
+  # One process with two devices resumes a copy of the run at step 4: it reads both input shards.
   shutil.copytree(tmp_path / "two", tmp_path / "one")
   shutil.rmtree(tmp_path / "one" / "checkpoints" / "8")
   one = _launch(1, data_dir, str(tmp_path / "one"), phases=(8,), devices=2)[0]
