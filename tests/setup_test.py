@@ -34,6 +34,8 @@ from tests.conftest import small_config
     ("shuffle_buffer", 0, r"config.shuffle_buffer=0 must be positive"),
     ("max_labels", 0, r"config.max_labels=0 must be positive"),
     ("prefetch_to_device", -1, r"config.prefetch_to_device=-1 must be 0 or more"),
+    ("input_shards", 3, r"config.input_shards=3 is not 0 \(one per process\) or a positive divisor of config.batch_"),
+    ("input_shards", -1, r"config.input_shards=-1"),
 ])
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})
