@@ -16,28 +16,15 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.trains, pytest.mark.multidevice, pytest.mark.subprocess]
 
-# Each run's training rows as they left its input pipeline, per process: (label, digest of the image) for each
-# row of each local batch, in the order the batches were made (prefetching makes a few more than are trained).
+# Each run's losses, evaluations, and the rows it trained on as this process's input pipeline made them.
 _PHASES = """
-import hashlib, json, sys
+import json, sys
 import jax
 if {num_processes} > 1:
   jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes={num_processes},
                              process_id={process_id})
-from tests.conftest import small_config
-from mixer import sharding, train_lib
-
-rows = []
-make_global = sharding.global_batches
-def recording(local_batches, mesh, depth):
-  def tap():
-    for local in local_batches:
-      if "mask" not in local:  # a training batch (evaluation batches carry a mask)
-        rows.append([[int(label), hashlib.sha1(image.tobytes()).hexdigest()[:12]]
-                     for label, image in zip(local["label"], local["image"])])
-      yield local
-  return make_global(tap(), mesh, depth)
-sharding.global_batches = recording
+from tests.conftest import record_training_rows, small_config
+from mixer import train_lib
 
 out = []
 for total in {phases}:  # each run resumes from the checkpoint of the one before (allow_changes: its length).
@@ -47,8 +34,8 @@ for total in {phases}:  # each run resumes from the checkpoint of the one before
                         checkpoint_every_steps=4, warmup_steps=1, allow_changes="total_steps", mixup=0.2,
                         pp_train="decode(channels=1)|resize(20)|inception_crop(16)|flip_lr|value_range(-1, 1)",
                         **{{"evals.eval.every_steps": 4, "model.dropout_rate": 0.1}})
-  rows.clear()
-  history = train_lib.train_and_evaluate(config, {workdir!r})
+  with record_training_rows() as rows:
+    history = train_lib.train_and_evaluate(config, {workdir!r})
   out.append({{**history, "rows": rows[:len(history["train"])]}})
 print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "runs": out}}))
 """
