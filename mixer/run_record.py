@@ -186,8 +186,9 @@ def with_input_shards(config, saved: dict | None, workdir: str, step: int | None
     elif shards % processes:
       raise RunChangedError(
           f"resuming {workdir} at step {step} on {processes} processes cannot keep the order of its training "
-          f"examples: it reads them in {shards} input shards (config.input_shards in its {CONFIG_FILE}) and each "
-          f"process must read a whole number of them; resume on a number of processes that divides {shards}, or "
+          f"examples: it reads them in {shards} input shard{'s' if shards > 1 else ''} (config.input_shards in its "
+          f"{CONFIG_FILE}) and each process must read a whole number of them; resume on a number of processes "
+          f"that divides {shards}, or "
           f"add --config.allow_changes={INPUT_SHARDS_KEY} to read {processes} shards, one per process, from step "
           f"{step} on (another order of examples, recorded in {CHANGES_FILE})")
   elif shards % processes:
