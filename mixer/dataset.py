@@ -29,7 +29,7 @@ class DatasetInfo:
   class_names: tuple[str, ...]  # after label_subset, in label order.
   num_train_examples: int
   num_eval_examples: int
-  min_local_train_examples: int  # the fewest train examples any process reads: sets steps per epoch.
+  min_local_train_examples: int  # the fewest train examples any process reads: steps per epoch, one shard each.
   image_shape: tuple[int, ...]  # after the preprocessing: the model's input shape.
   fingerprint: dict = dataclasses.field(default_factory=dict)  # what identifies the data: see fingerprint().
 
