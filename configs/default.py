@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.pp_train = "decode(channels=1)|resize(16)|value_range(-1, 1)"
   config.pp_eval = "decode(channels=1)|resize(16)|value_range(-1, 1)"
   config.shuffle_buffer = 2_000
+  # The train split is read in this many shards, each filling its block of every batch: 0 is one per process
+  # at the run's start (recorded in config.json). A resume on another number of processes keeps the order of
+  # examples when that number divides it: e.g. 8 lets a run move between 1, 2, 4 and 8 hosts.
+  config.input_shards = 0
   config.prefetch_to_device = 2
   config.batch_size = 128  # global, over all devices and processes.
   config.eval_batch_size = 256

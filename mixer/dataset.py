@@ -29,7 +29,7 @@ class DatasetInfo:
   class_names: tuple[str, ...]  # after label_subset, in label order.
   num_train_examples: int
   num_eval_examples: int
-  min_local_train_examples: int  # the fewest train examples any process reads: sets steps per epoch.
+  min_local_train_examples: int  # the fewest train examples any process reads: steps per epoch, one shard each.
   image_shape: tuple[int, ...]  # after the preprocessing: the model's input shape.
   fingerprint: dict = dataclasses.field(default_factory=dict)  # what identifies the data: see fingerprint().
 
@@ -162,10 +162,10 @@ def fingerprint(config, builder, class_names: list[str]) -> dict:
   return record
 
 
-def local_counts(info: DatasetInfo, builder, split: str) -> list[int]:
-  """How many examples of `split` each process reads (after the label subset)."""
-  count = jax.process_count()
-  if info.label_subset is None:  # tfds's even split: the first n % count processes read one more.
+def local_counts(info: DatasetInfo, builder, split: str, count: int | None = None) -> list[int]:
+  """How many examples of `split` each process reads (after the label subset); or each of `count` shards."""
+  count = count or jax.process_count()
+  if info.label_subset is None:  # tfds's even split: the first n % count shards read one more.
     n = builder.info.splits[split].num_examples
     return [n // count + (i < n % count) for i in range(count)]
   counts = []

@@ -1,8 +1,10 @@
 """tf.data iterators over the config's dataset, yielding global jax.Arrays sharded over the mesh's data axis.
 
-Training batches are a pure function of (config, step): each epoch is read with its own shuffle seed
-and every example draws its augmentation from a seed made of (seed, epoch, process, position). A run
-resumed at step k so sees exactly the batches that an uninterrupted run sees from step k on.
+Training batches are a pure function of (config, step): the train split is read in config.input_shards
+shards (one per process unless set), each epoch with its own shuffle seed, and every example draws its
+augmentation from a seed made of (seed, epoch, shard, position). Shard i fills the i-th block of rows of
+every global batch, whichever process reads it. A run resumed at step k, on as many processes or on a
+number that divides the shards, so sees exactly the batches that an uninterrupted run sees from step k on.
 """
 
 import math
@@ -19,13 +21,40 @@ from mixer import dataset, preprocess, sharding
 Batch = dict[str, jax.Array]
 
 
-def steps_per_epoch(config, info: dataset.DatasetInfo) -> int:
-  """Full global batches per epoch; every process takes the same count (the tail is dropped)."""
-  return info.min_local_train_examples // local_batch_size(config.batch_size)
+def input_shards(config) -> int:
+  """How many shards the train split is read in: config.input_shards, or one per process (0)."""
+  return config.get("input_shards", 0) or jax.process_count()
+
+
+def steps_per_epoch(config, info: dataset.DatasetInfo, builder=None) -> int:
+  """Full global batches per epoch; every shard gives the same count (the tail is dropped). `builder` counts
+  the shards' examples when they are not one per process (info counted those)."""
+  shards = input_shards(config)
+  if shards == jax.process_count():
+    fewest = info.min_local_train_examples
+  else:
+    fewest = min(dataset.local_counts(info, builder, info.train_split, shards))
+  return fewest // (config.batch_size // shards)
 
 
 def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
+
+
+def shards_of_this_process(config, mesh) -> list[int]:
+  """The input shards this process reads, in row order: those whose block of rows of the global batch its
+  devices hold (shard i holds rows [i b, (i + 1) b) of every batch, b = batch_size / input_shards)."""
+  shards, batch = input_shards(config), config.batch_size
+  rows_per_shard = batch // shards
+  indices = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch,)).values()
+  rows = {row for index in indices for row in range(*index[0].indices(batch))}
+  mine = sorted({row // rows_per_shard for row in rows})
+  if len(mine) * rows_per_shard == len(rows):
+    return mine
+  if shards == jax.process_count():  # this process's rows interleave with another's: it reads its own shard.
+    return [jax.process_index()]
+  raise ValueError(f"config.input_shards={shards}: the mesh gives process {jax.process_index()} rows of the "
+                   f"global batch that are not whole blocks of {rows_per_shard} (config.batch_size={batch})")
 
 
 def _labels(info: dataset.DatasetInfo):
@@ -69,22 +98,25 @@ def _numpy_batches(name: str, ds: tf.data.Dataset, split: str) -> Iterator[dict]
 
 
 def _train_epoch(config, builder, info: dataset.DatasetInfo, epoch: int, skip_batches: int,
-                 per_epoch: int) -> tf.data.Dataset:
-  """This process's batches of one epoch from batch `skip_batches` on: `per_epoch` in all, on every process
-  (processes may hold more examples than the smallest one; their extra batches are dropped)."""
-  batch = local_batch_size(config.batch_size)
+                 per_epoch: int, shard: int | None = None) -> tf.data.Dataset:
+  """One input shard's batches of one epoch (default: this process's, one shard per process) from batch
+  `skip_batches` on: `per_epoch` in all, for every shard (shards may hold more examples than the smallest one;
+  their extra batches are dropped)."""
+  shards = input_shards(config)
+  shard = jax.process_index() if shard is None else shard
+  batch = config.batch_size // shards
   seed = [config.seed, epoch]
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
-  ds = dataset.keep_label_subset(info, dataset.read(builder, info.train_split, shuffle_seed=epoch_seed))
+  ds = dataset.read(builder, info.train_split, shuffle_seed=epoch_seed, process=(shard, shards))
+  ds = dataset.keep_label_subset(info, ds)
   ds = ds.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
   ds = ds.enumerate().skip(skip_batches * batch)
   pp = preprocess.get_preprocess_fn(config.pp_train)
   labels = _labels(info)
-  process = jax.process_index()
 
   def prepare(index, example):
     rng = tf.random.experimental.stateless_fold_in(
-        tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), process), index)
+        tf.random.experimental.stateless_fold_in(tf.constant(seed, tf.int64), shard), index)
     features = pp({"image": example["image"], "rng": rng})
     return {"image": features["image"], "label": labels(example), "position": index}
 
@@ -93,27 +125,39 @@ def _train_epoch(config, builder, info: dataset.DatasetInfo, epoch: int, skip_ba
 
 
 def train_iterator(config, builder, info: dataset.DatasetInfo, mesh, start_step: int = 0) -> Iterator[Batch]:
-  """Endless global training batches, from `start_step` on."""
-  per_epoch = steps_per_epoch(config, info)
+  """Endless global training batches, from `start_step` on. A process that reads several input shards (a run
+  resumed on fewer processes than it started with) puts their batches one after another, in shard order."""
+  per_epoch = steps_per_epoch(config, info, builder)
   if per_epoch == 0:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
-                     f"{info.num_train_examples} examples of {info.name}:{info.train_split}")
+                     f"{info.num_train_examples} examples of {info.name}:{info.train_split}"
+                     + (f" in {input_shards(config)} input shards" if input_shards(config) > 1 else ""))
+  shards = shards_of_this_process(config, mesh)
+  batch = config.batch_size // input_shards(config)
 
-  batch = local_batch_size(config.batch_size)
+  def epoch_batches(epoch: int, skip: int) -> tf.data.Dataset:
+    """Each step's batches of this process's shards: image and label concatenated, positions [shard, row]."""
+    parts = tuple(_train_epoch(config, builder, info, epoch, skip, per_epoch, shard) for shard in shards)
+    if len(parts) == 1:
+      return parts[0]
+    join = lambda *parts: {"image": tf.concat([p["image"] for p in parts], 0),
+                           "label": tf.concat([p["label"] for p in parts], 0),
+                           "position": tf.stack([p["position"] for p in parts])}
+    return tf.data.Dataset.zip(parts).map(join)
 
   def local_batches():
     epoch, skip = divmod(start_step, per_epoch)
     skipped = 0
     while True:
-      ds = _train_epoch(config, builder, info, epoch, skip, per_epoch).prefetch(tf.data.AUTOTUNE)
-      last = skip * batch - 1  # the position before this epoch's first example
+      ds = epoch_batches(epoch, skip).prefetch(tf.data.AUTOTUNE)
+      last = np.full(len(shards), skip * batch - 1)  # each shard's position before this epoch's first example
       for local in _numpy_batches(info.name, ds, info.train_split):
-        position = local.pop("position")
-        gap = int(position[-1]) - last - len(position)  # examples dropped as unreadable
+        position = local.pop("position").reshape(len(shards), batch)
+        gap = int(np.sum(position[:, -1] - last - batch))  # examples dropped as unreadable
         if gap:
           skipped += gap
           logging.warning("Skipped %d unreadable images of %s so far", skipped, info.name)
-        last = int(position[-1])
+        last = position[:, -1]
         yield local
       epoch, skip = epoch + 1, 0
 

@@ -6,6 +6,8 @@
 
 A resume compares the config and the dataset with the record: a difference that can change the result is
 refused, listing it, unless config.allow_changes names its key; then it is appended to config_changes.json.
+config.json records the number of input shards the run reads (config.input_shards, 0 resolved to the process
+count at the start), so that a resume on another number of processes reads the same examples in the same order.
 Predict, evaluate and fine-tuning read the class names from here, not from the dataset as it is later.
 """
 
@@ -30,6 +32,7 @@ FREE_KEYS = ("log_every_steps", "sync_every_steps", "checkpoint_every_steps", "k
              "profile_start_step", "profile_num_steps")
 FREE_SUFFIXES = (".every_steps", ".batch_size")  # of config.evals.NAME
 DATASET_KEY = "dataset"  # config.allow_changes=dataset also allows a changed fingerprint of the same name.
+INPUT_SHARDS_KEY = "input_shards"
 
 
 class RunChangedError(ValueError):
@@ -119,8 +122,9 @@ def describe(differences: dict[str, tuple[Any, Any]], limit: int = 200) -> str:
   return "; ".join(f"{k}: {cut(old)} -> {cut(new)}" for k, (old, new) in differences.items())
 
 
-def start(config, workdir: str, dataset_record: dict, step: int | None) -> None:
-  """Records a new run (step None: nothing restored), or checks a resume at `step` against the record.
+def start(config, workdir: str, dataset_record: dict, step: int | None):
+  """Records a new run (step None: nothing restored), or checks a resume at `step` against the record; returns
+  the run's config with config.input_shards resolved (with_input_shards).
 
   Raises RunChangedError, before anything is written, when the config or the dataset differs from the
   record in a way that can change the result and config.allow_changes does not name it. An allowed change is
@@ -128,13 +132,16 @@ def start(config, workdir: str, dataset_record: dict, step: int | None) -> None:
   """
   path = epath.Path(workdir)
   saved = saved_config(workdir) if step is not None else None
+  if saved is not None and not saved.get(INPUT_SHARDS_KEY):  # a record from before the key: one per process.
+    saved[INPUT_SHARDS_KEY] = jax.process_count()
+  config = with_input_shards(config, saved, workdir, step)
   if saved is None:  # a new run (or one that never reached a checkpoint, whose steps are all redone).
     if step is not None:
       logging.warning("%s has checkpoints but no %s (a run from before the record existed): recording this "
                       "run's config and dataset now, at step %d", workdir, CONFIG_FILE, step)
     _write(path / CONFIG_FILE, config.to_json_best_effort(indent=2))
     _write(path / DATASET_FILE, json.dumps(dataset_record, indent=2))
-    return
+    return config
   allowed = allowed_keys(config)
   config_changed = {k: v for k, v in config_differences(config, saved).items() if not is_free(k)}
   recorded = saved_dataset(workdir)
@@ -164,6 +171,37 @@ def start(config, workdir: str, dataset_record: dict, step: int | None) -> None:
       logging.warning("Resuming at step %d with %s changed: %s -> %s (allowed by config.allow_changes; recorded "
                       "in %s)", step, change["key"], change["old"], change["new"], path / CHANGES_FILE)
     _write(path / CHANGES_FILE, json.dumps(changes(workdir) + new, indent=2))
+  return config
+
+
+def with_input_shards(config, saved: dict | None, workdir: str, step: int | None):
+  """A copy of config with input_shards resolved: as set, else as the run recorded it in `saved` (resuming), else
+  one per process. Each process must read a whole number of shards: a resume whose process count does not divide
+  the recorded shards is refused in one line, unless config.allow_changes names input_shards (then one shard per
+  process, in another order of examples)."""
+  processes = jax.process_count()
+  shards = config.get(INPUT_SHARDS_KEY, 0)
+  if not shards:
+    shards = saved[INPUT_SHARDS_KEY] if saved is not None else processes
+    if shards % processes and _allows(allowed_keys(config), INPUT_SHARDS_KEY):
+      shards = processes
+    elif shards % processes:
+      raise RunChangedError(
+          f"resuming {workdir} at step {step} on {processes} processes cannot keep the order of its training "
+          f"examples: it reads them in {shards} input shard{'s' if shards > 1 else ''} (config.input_shards in its "
+          f"{CONFIG_FILE}) and each process must read a whole number of them; resume on a number of processes "
+          f"that divides {shards}, or "
+          f"add --config.allow_changes={INPUT_SHARDS_KEY} to read {processes} shards, one per process, from step "
+          f"{step} on (another order of examples, recorded in {CHANGES_FILE})")
+  elif shards % processes:
+    raise ValueError(f"config.input_shards={shards} is not a multiple of the {processes} processes: each process "
+                     f"reads a whole number of shards")
+  if config.batch_size % shards:
+    raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of the run's {shards} input shards "
+                     f"(config.input_shards): each fills an equal block of every batch")
+  config = config.copy_and_resolve_references()
+  config[INPUT_SHARDS_KEY] = shards
+  return config
 
 
 def _write(path: epath.Path, text: str) -> None:

@@ -24,6 +24,9 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     if config[key] <= 0 or config[key] % num_devices or config[key] % num_processes:
       raise ValueError(f"config.{key}={config[key]} is not a positive multiple of the "
                        f"{num_devices} devices (and {num_processes} processes)")
+  if config.input_shards < 0 or (config.input_shards and config.batch_size % config.input_shards):
+    raise ValueError(f"config.input_shards={config.input_shards} is not 0 (one per process) or a positive divisor of "
+                     f"config.batch_size={config.batch_size}")
   for key in _POSITIVE:
     if not 0 < config[key] < math.inf:  # also NaN.
       raise ValueError(f"config.{key}={config[key]} must be positive and finite")
@@ -171,6 +174,8 @@ def config_differences(config, workdir: str) -> str:
     return ""
   path = epath.Path(workdir) / run_record.CONFIG_FILE
   differences = run_record.config_differences(config, saved)
+  if not config.get("input_shards"):  # 0: as the run recorded it.
+    differences.pop("input_shards", None)
   if not differences:
     return f"{path} has the same config; "
   return (f"this run's config differs from {path} (the config of its checkpoints) in: " + ", ".join(

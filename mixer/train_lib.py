@@ -73,7 +73,7 @@ def _train_and_evaluate(config, workdir: str, mesh, builder, info: dataset.Datas
     manager.close()
     raise checkpoints.CheckpointMismatchError(f"{setup.config_differences(config, workdir)}{e}") from None
   try:  # only now: a rerun that cannot use the workdir leaves its record alone.
-    run_record.start(config, workdir, info.fingerprint, restored_step)
+    config = run_record.start(config, workdir, info.fingerprint, restored_step)  # config.input_shards resolved.
   except Exception:
     manager.close()
     raise

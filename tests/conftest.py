@@ -131,6 +131,31 @@ def restore_params(config, workdir: str):
   return checkpoints.restore_params(workdir, abstract)
 
 
+@contextlib.contextmanager
+def record_training_rows():
+  """Taps the input pipeline meanwhile: yields a list to which each training batch's rows, as this process made
+  them, are appended as [label, digest of the image]. Prefetching makes a few more batches than a run trains: its
+  first len(history["train"]) are those it trained on (with log_every_steps=1)."""
+  import hashlib
+
+  from mixer import sharding
+  rows, make_global = [], sharding.global_batches
+
+  def recording(local_batches, mesh, depth):
+    def tap():
+      for local in local_batches:
+        if "mask" not in local:  # a training batch (evaluation batches carry a mask)
+          rows.append([[int(label), hashlib.sha1(image.tobytes()).hexdigest()[:12]]
+                       for label, image in zip(local["label"], local["image"], strict=True)])
+        yield local
+    return make_global(tap(), mesh, depth)
+  sharding.global_batches = recording
+  try:
+    yield rows
+  finally:
+    sharding.global_batches = make_global
+
+
 def override(config, **overrides):
   """Sets config fields by dotted name ("model.variant") and returns the config."""
   for key, value in overrides.items():

@@ -151,3 +151,27 @@ def test_train_percent_trains_on_the_first_examples_of_the_split(data_dir, mesh)
   seen = {image.tobytes() for _ in range(input_pipeline.steps_per_epoch(config, info))
           for image in np.asarray(next(it)["image"])}
   assert len(seen) > 100 and seen <= first  # a few digits are pixel-identical.
+
+
+def test_input_shards_fill_their_blocks_of_each_batch_in_shard_order(data_dir, mesh):
+  # One process reading the 2 input shards that 2 processes read one each: shard i fills the i-th half of every
+  # global batch, its own epochs and augmentation, from any step on (digits: 1438 examples, 719 per shard, so
+  # 22 batches of 32 from each, an epoch of 22 steps).
+  config = small_config(data_dir, batch_size=64, input_shards=2,
+                        pp_train="decode(channels=1)|inception_crop(16)|flip_lr")
+  builder, info = _setup(config)
+  assert input_pipeline.steps_per_epoch(config, info, builder) == 22
+  shards = [list(input_pipeline._train_epoch(config, builder, info, 0, 0, 22, shard).as_numpy_iterator())
+            for shard in (0, 1)]
+  for start in (0, 20):
+    it = input_pipeline.train_iterator(config, builder, info, mesh, start_step=start)
+    for step in range(start, start + 3):  # into the second epoch from step 20
+      batch = jax.tree.map(np.asarray, next(it))
+      if step < 22:
+        for key in ("image", "label"):
+          np.testing.assert_array_equal(batch[key], np.concatenate([shards[0][step][key], shards[1][step][key]]))
+  # One shard per process, said explicitly, is the default's order.
+  default = input_pipeline.train_iterator(small_config(data_dir, batch_size=64), builder, info, mesh)
+  explicit = input_pipeline.train_iterator(small_config(data_dir, batch_size=64, input_shards=1), builder, info, mesh)
+  for _ in range(2):
+    np.testing.assert_array_equal(np.asarray(next(default)["image"]), np.asarray(next(explicit)["image"]))

@@ -82,3 +82,24 @@ def test_a_garbled_record_is_named(tmp_path):
   (tmp_path / "config_changes.json").write_text("[{")
   with pytest.raises(ValueError, match=r"config_changes.json is not valid JSON"):
     run_record.start(_config(), str(tmp_path), DIGITS, step=4)
+
+
+def test_a_resume_on_another_process_count_reads_the_recorded_input_shards_or_is_refused(tmp_path, monkeypatch):
+  processes = lambda n: monkeypatch.setattr(run_record.jax, "process_count", lambda: n)
+  processes(2)
+  assert run_record.start(_config(), str(tmp_path), DIGITS, step=None).input_shards == 2  # one per process.
+  assert json.loads((tmp_path / "config.json").read_text())["input_shards"] == 2
+  processes(1)  # one process reads both shards.
+  assert run_record.start(_config(), str(tmp_path), DIGITS, step=4).input_shards == 2
+  processes(4)  # four cannot share two: refused in one line naming the switch.
+  with pytest.raises(run_record.RunChangedError) as error:
+    run_record.start(_config(), str(tmp_path), DIGITS, step=6)
+  message = str(error.value)
+  assert "\n" not in message and "at step 6 on 4 processes cannot keep the order of its training examples" in message
+  assert "reads them in 2 input shards" in message and "--config.allow_changes=input_shards" in message
+  assert run_record.start(_config(allow_changes="input_shards"), str(tmp_path), DIGITS, step=6).input_shards == 4
+  assert run_record.changes(str(tmp_path)) == [{"step": 6, "key": "input_shards", "old": 2, "new": 4}]
+  with pytest.raises(ValueError, match=r"config.input_shards=6 is not a multiple of the 4 processes"):
+    run_record.start(_config(input_shards=6), str(tmp_path), DIGITS, step=8)
+  with pytest.raises(run_record.RunChangedError, match=r"input_shards: 4 -> 8"):  # a change like any other.
+    run_record.start(_config(input_shards=8), str(tmp_path), DIGITS, step=8)

@@ -36,6 +36,8 @@ from tests.conftest import small_config
     ("prefetch_to_device", -1, r"config.prefetch_to_device=-1 must be 0 or more"),
     ("profile_start_step", -1, r"config.profile_start_step=-1 must be a step \(the first is 1\) or 0 \(no trace\)"),
     ("profile_num_steps", 0, r"config.profile_num_steps=0 must be 1 or more"),
+    ("input_shards", 3, r"config.input_shards=3 is not 0 \(one per process\) or a positive divisor of config.batch_"),
+    ("input_shards", -1, r"config.input_shards=-1"),
 ])
 def test_bad_config_fails_at_start_naming_the_key(key, value, match):
   config = small_config("unused", **{key: value})
