@@ -66,6 +66,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--topology", default="v3:2x2")
   parser.add_argument("--variant", default="B/16")
+  parser.add_argument("--config", default="mixer_imagenet21k",
+                      help="a config of configs/ by name (its recipe for the variant; B/16's for a variant it lacks)")
   parser.add_argument("--per_device_batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=2, help="compiles of each step, alternating")
   parser.add_argument("--ablations", action="store_true",
@@ -90,11 +92,14 @@ def main(argv=None) -> list[dict]:
   batch = len(devices) * args.per_device_batch
 
   def config(**changes):
-    path = os.path.join(REPO, "configs", "mixer_imagenet21k.py")
+    path = os.path.join(REPO, "configs", f"{args.config}.py")
     try:
       c = cli.load_config_file(f"{path}:{args.variant.replace('/', '').lower()}")
-    except ValueError:  # not a paper variant (Ti/16, for a quick check): B/16's recipe for it.
-      c = cli.load_config_file(f"{path}:b16")
+    except ValueError:  # a variant the config has no recipe for (Ti/4, for a quick check), or a config without any.
+      try:
+        c = cli.load_config_file(f"{path}:b16")
+      except ValueError:
+        c = cli.load_config_file(path)
       c.model.variant = args.variant
     c.batch_size = c.eval_batch_size = batch
     c.total_steps = 100_000  # sets constants of the schedule only

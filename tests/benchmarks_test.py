@@ -67,8 +67,9 @@ def test_input_pipeline_benchmark_reports_cores_to_feed(tmp_path):
 @pytest.mark.tpu_compile
 def test_compile_time_benchmark_compiles_ours_and_big_vision_alternately(tmp_path):
   pytest.importorskip("libtpu", reason="compiling for TPU slices needs libtpu (requirements-test.txt)")
-  out = subprocess.run([sys.executable, "benchmarks/compile_time.py", "--variant", "Ti/16", "--topology", "v3:2x2",
-                        "--per_device_batch", "1", "--repeats", "1", "--json", str(tmp_path / "c.json")],
+  out = subprocess.run([sys.executable, "benchmarks/compile_time.py", "--config", "default", "--variant", "Ti/4",
+                        "--topology", "v3:2x2", "--per_device_batch", "1", "--repeats", "1",
+                        "--json", str(tmp_path / "c.json")],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   ours, peer = json.loads((tmp_path / "c.json").read_text())["rows"]

@@ -23,9 +23,9 @@ HEAVY_MARKERS = ("trains", "multidevice", "tpu_compile", "peer", "subprocess")
 # The test files that take longest on 2 CPU cores, longest first (per-file sums of the times in a --junitxml report).
 # .ci/run hands whole files to 2 workers in collection order (--dist loadfile --no-loadscope-reorder):
 # starting the long ones first keeps one worker from finishing its last long file alone.
-LONGEST_FILES = ("reliability_test.py", "finetune_test.py", "readme_test.py", "train_lib_test.py", "tpu_test.py",
-                 "benchmarks_test.py", "fewshot_test.py", "models_test.py", "sharding_test.py", "pretraining_test.py",
-                 "experiments_test.py", "export_test.py", "cli_test.py", "multihost_test.py", "predict_test.py")
+LONGEST_FILES = ("reliability_test.py", "sharding_test.py", "finetune_test.py", "multihost_test.py", "readme_test.py",
+                 "train_lib_test.py", "tpu_test.py", "benchmarks_test.py", "fewshot_test.py", "experiments_test.py",
+                 "models_test.py", "pretraining_test.py", "export_test.py", "cli_test.py", "predict_test.py")
 
 
 def pytest_configure(config):

@@ -183,11 +183,11 @@ def test_same_loss_on_one_device_and_under_data_parallel_fsdp_and_tensor_paralle
     assert abs(runs[name]["top1"] - runs["one"]["top1"]) <= 1 / 359 + 1e-6
   # XLA's cost analysis of the compiled step counts one device's share of the partitioned program: on 8 devices an
   # eighth of the one-device count (plus each device's copy of the replicated optimizer update under dp: +4%).
-  # Without loops, on CPU, it is 6-11% above the architecture's count that MFU uses (mixer/flops.py), which leaves
-  # out the elementwise ops and the optimizer.
+  # Without loops, on CPU, it is above the architecture's count that MFU uses (mixer/flops.py), which leaves out the
+  # elementwise ops (here with mixup and dropout) and the optimizer: by 6-11% without those two, 19% under dp with.
   for name, devices in (("one", 1), ("dp", 8), ("fsdp", 8), ("fsdp_tensor", 8)):
     ratio = runs[name]["xla_flops_per_device"] / runs[name]["model_flops_per_device"]
-    assert 1.0 < ratio < 1.15, (name, ratio)
+    assert 1.0 < ratio < 1.25, (name, ratio)
     assert runs[name]["xla_flops_per_device"] == pytest.approx(runs["one"]["xla_flops_per_device"] / devices,
                                                                rel=0.06 if name == "dp" else 0.03)
 
