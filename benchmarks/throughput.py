@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from mixer import flops, models, optim, sharding, steps  # noqa: E402
+from mixer import compilation, flops, models, optim, sharding, steps  # noqa: E402
 
 
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -152,8 +152,7 @@ def measure_jax(args) -> dict:
     jax.block_until_ready(logits)
 
   infer_times = _repeat(run_infer, args)
-  cost = compiled_infer.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  cost = compilation.cost_analysis(compiled_infer)
   xla_flops = float(cost.get("flops", 0.0)) / args.batch if cost else None
   peak_tflops = measure_peak_jax(args.dtype)
   flops = mixer_flops_per_image(args.variant, args.resolution, args.num_classes)

@@ -106,6 +106,13 @@ class Compiled:
   cost: dict  # XLA's cost analysis of the compiled program, per device (flops, bytes accessed, ...)
 
 
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program as one dict (per device: flops, bytes accessed, and on TPU the
+  compiler's optimal_seconds); jax returns a list of one on some versions and backends, or None."""
+  cost = compiled.cost_analysis()
+  return dict((cost[0] if isinstance(cost, list) else cost) or {})
+
+
 def compile_ahead(jitted, *args) -> Compiled:
   """`jitted` lowered and compiled for `args` (arrays, or ShapeDtypeStructs with shardings) now, not at its first
   call. It goes into the persistent cache whatever its compile time (JAX's threshold,
@@ -131,13 +138,12 @@ def compile_ahead(jitted, *args) -> Compiled:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
     jax.monitoring.unregister_event_listener(listen)
   seconds = time.monotonic() - start
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  cost = cost_analysis(compiled)
   # JAX asks its cache also when no directory is set (and finds nothing there): no directory, no answer.
   from_cache = (_HIT in events) if _REQUEST in events and jax.config.jax_compilation_cache_dir else None
   logging.debug("Compiled in %.1f s (from the persistent cache: %s); XLA's cost analysis: %.4g FLOPs per device",
                 seconds, from_cache, cost.get("flops", float("nan")))
-  return Compiled(compiled, seconds, from_cache, dict(cost))
+  return Compiled(compiled, seconds, from_cache, cost)
 
 
 def first_step_line(seconds: float, compiled: Compiled, cache: str | None) -> str:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
-from mixer import cli, flops, models, optim, sharding, steps
+from mixer import cli, compilation, flops, models, optim, sharding, steps
 
 GIB = 2**30
 _STACK_ENV = "MIXER_TPU_STACK_RAISED"
@@ -98,8 +98,7 @@ def _shard_bytes(tree) -> int:
 
 def _cost(compiled) -> tuple[float | None, float]:
   """(the compiler's step-time estimate in seconds, or None where it gives none; FLOPs per device)."""
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  cost = compilation.cost_analysis(compiled)
   seconds = cost.get("optimal_seconds")
   return (seconds if seconds and seconds > 0 else None), float(cost.get("flops", 0.0))
 
